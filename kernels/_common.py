@@ -1,0 +1,41 @@
+"""What every kernel wrapper shares: where Triton can run, and input checks with clear messages."""
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, set before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(name: str, *tensors) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {', '.join(sorted(map(str, devices)))}")
+    device = devices.pop()
+    if device.type == "cuda":
+        return
+    if device.type == "cpu":
+        if interpreting():
+            return
+        raise RuntimeError(
+            f"{name}: the Triton kernels need a CUDA GPU; on the CPU they run only through Triton's interpreter "
+            f"(slow, for testing): set TRITON_INTERPRET=1 in the environment before importing triton/kernels, "
+            f"or use the 'sdpa' or 'naive' backend")
+    raise RuntimeError(f"{name}: Triton kernels do not run on {device.type} tensors: use a CUDA device or the "
+                       f"'sdpa' backend")
+
+
+def check_float(name: str, what: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: {what} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+
+
+def num_programs_hint(device: torch.device, per_sm: int = 4) -> int:
+    """How many persistent programs fill the device: a few per SM on a GPU, a few on the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    return 4

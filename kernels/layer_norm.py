@@ -1,0 +1,206 @@
+"""LayerNorm over the last dimension, forward and backward, in Triton.
+
+    y = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps),   var the biased variance
+
+Forward: one program per row holds the whole row in registers, computes mean then the variance of
+(x - mean) in fp32 (two passes over registers: no E[x^2] - E[x]^2 cancellation for rows with a large mean),
+writes y and saves mean and rstd for backward.
+
+Backward, with xhat = (x - mean) * rstd and wdy = w * dy:
+    dx = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))
+    dw = sum over rows of dy * xhat,   db = sum over rows of dy
+A fixed number of programs each walk a strided set of rows, compute dx in the same row pass and keep
+their dw/db partial sums in registers; a second small kernel adds the partial sums. No atomics: the result
+is deterministic and there is no contention whatever the number of rows.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import check_device, check_float, num_programs_hint
+
+
+@triton.jit
+def _layer_norm_fwd(X, Y, W, B, Mean, Rstd, stride_x, stride_y, N, eps,
+                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _layer_norm_bwd_dx(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, stride_dy, stride_x, stride_dx,
+                       M, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    num_progs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row in range(pid, M, num_progs):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / N
+        c2 = tl.sum(wdy, axis=0) / N
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+        if HAS_BIAS:
+            db_acc += dy
+    tl.store(DW_partial + pid * N + cols, dw_acc, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB_partial + pid * N + cols, db_acc, mask=mask)
+
+
+@triton.jit
+def _sum_partials(Partial, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Out[n] = sum over p of Partial[p, n], for a (P, N) fp32 buffer; one program per BLOCK_N columns."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask = (rows[:, None] < P) & (cols[None, :] < N)
+        acc += tl.load(Partial + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < N)
+
+
+def _block_n(N: int, element_size: int) -> int:
+    block = triton.next_power_of_2(N)
+    limit = 65536 // element_size  # the whole row lives in registers
+    if block > limit:
+        raise ValueError(f"layer_norm: rows of {N} elements are wider than this kernel's limit of {limit} "
+                         f"for {element_size}-byte elements")
+    return block
+
+
+def _warps(block_n: int) -> int:
+    return min(max(block_n // 256, 1), 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch custom ops: opaque to torch.compile (traced through their fake implementations), differentiable
+# through register_autograd. torch.library.custom_op rather than triton_op: its fake tensors never reach
+# the kernel launch, so torch.compile(fullgraph=True) works on the CPU interpreter too.
+
+
+@torch.library.custom_op("nanogpt_kernels::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M > 0:
+        block_n = _block_n(N, x.element_size())
+        _layer_norm_fwd[(M,)](x2, y, weight, bias if bias is not None else weight, mean, rstd,
+                              x2.stride(0), y.stride(0), N, eps,
+                              HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=_warps(block_n))
+    return y.view(x.shape), mean, rstd
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps):
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(M, dtype=torch.float32),
+            x.new_empty(M, dtype=torch.float32))
+
+
+@torch.library.custom_op("nanogpt_kernels::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                       rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    dy2 = dy.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if dy2.stride(-1) != 1:
+        dy2 = dy2.contiguous()
+    M = x2.shape[0]
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dw = torch.empty(N, dtype=weight.dtype, device=x.device)
+    db = torch.empty(N, dtype=weight.dtype, device=x.device)
+    if M == 0:
+        return dx.view(x.shape), dw.zero_(), db.zero_()
+    block_n = _block_n(N, x.element_size())
+    programs = max(1, min(M, num_programs_hint(x.device)))
+    dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else dw_partial
+    _layer_norm_bwd_dx[(programs,)](dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
+                                    dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
+                                    HAS_BIAS=has_bias, BLOCK_N=block_n, num_warps=_warps(block_n))
+    block_cols = 128
+    grid = (triton.cdiv(N, block_cols),)
+    _sum_partials[grid](dw_partial, dw, programs, N, BLOCK_P=32, BLOCK_N=block_cols)
+    if has_bias:
+        _sum_partials[grid](db_partial, db, programs, N, BLOCK_P=32, BLOCK_N=block_cols)
+    else:
+        db.zero_()
+    return dx.view(x.shape), dw, db
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, has_bias):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            torch.empty_like(weight))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, mean, rstd, ctx.has_bias)
+    return dx, dw, (db if ctx.has_bias else None), None
+
+
+_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension of x, like F.layer_norm(x, (N,), weight, bias, eps).
+
+    Any leading shape; float32, float16 or bfloat16 in and out with fp32 arithmetic inside; weight and bias
+    of shape (N,); bias=None for no bias."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError("layer_norm: x must be a tensor with at least one dimension (the one normalized)")
+    check_float("layer_norm", "x", x)
+    check_float("layer_norm", "weight", weight)
+    N = x.shape[-1]
+    if weight.shape != (N,):
+        raise ValueError(f"layer_norm: weight has shape {tuple(weight.shape)}, expected ({N},) to match x's "
+                         f"last dimension")
+    if bias is not None:
+        check_float("layer_norm", "bias", bias)
+        if bias.shape != (N,):
+            raise ValueError(f"layer_norm: bias has shape {tuple(bias.shape)}, expected ({N},) to match x's "
+                             f"last dimension")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"layer_norm: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    check_device("layer_norm", x, weight, bias)
+    return _layer_norm_fwd_op(x, weight, bias, float(eps))[0]

@@ -1,0 +1,109 @@
+"""The backend registry: one name -> the attention, LayerNorm and GELU a Block uses.
+
+Adding a backend is one `register_backend` call; the model never branches on the name.
+
+Every backend implements the same three functions:
+    attention(q, k, v, dropout_p) -> y     q, k, v: (B, H, T, D), causal, scale 1/sqrt(D)
+    layer_norm(x, weight, bias, eps) -> y  normalizes the last dimension; bias may be None
+    gelu(x, bias) -> y                     exact (erf) GELU of x + bias; bias may be None
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    attention: Callable
+    layer_norm: Callable
+    gelu: Callable
+    description: str = ""
+
+
+# name -> a zero-argument factory, so a backend's imports (triton) happen only when it is used
+_REGISTRY: dict[str, Callable[[], Backend]] = {}
+_LOADED: dict[str, Backend] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    _REGISTRY[name] = factory
+    _LOADED.pop(name, None)
+
+
+def available_backends() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(available_backends())}")
+    if name not in _LOADED:
+        _LOADED[name] = _REGISTRY[name]()
+    return _LOADED[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# naive: the reference everything else is checked against, written as plain tensor math
+
+
+def naive_attention(q, k, v, dropout_p=0.0):
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    causal_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~causal_mask, float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    if dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p)
+    return att @ v
+
+
+def naive_layer_norm(x, weight, bias=None, eps=1e-5):
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # biased variance, as nn.LayerNorm
+    y = (x - mean) * torch.rsqrt(var + eps) * weight
+    return y + bias if bias is not None else y
+
+
+def naive_gelu(x, bias=None):
+    if bias is not None:
+        x = x + bias
+    return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+# ----------------------------------------------------------------------------------------------
+# sdpa: PyTorch's fused kernels (flash / memory-efficient / cuDNN attention where the device has them)
+
+
+def sdpa_attention(q, k, v, dropout_p=0.0):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
+def sdpa_layer_norm(x, weight, bias=None, eps=1e-5):
+    return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
+
+
+def sdpa_gelu(x, bias=None):
+    return F.gelu(x + bias if bias is not None else x)
+
+
+def _triton_backend() -> Backend:
+    import kernels  # imported here: triton is only needed when this backend is used
+
+    def attention(q, k, v, dropout_p=0.0):
+        return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
+
+    return Backend(
+        "triton", attention, kernels.layer_norm, kernels.gelu,
+        "handwritten Triton kernels: fused causal attention (FlashAttention-2), LayerNorm, bias+GELU",
+    )
+
+
+register_backend("naive", lambda: Backend(
+    "naive", naive_attention, naive_layer_norm, naive_gelu, "explicit tensor math: the reference"))
+register_backend("sdpa", lambda: Backend(
+    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, "F.scaled_dot_product_attention, F.layer_norm, F.gelu"))
+register_backend("triton", _triton_backend)

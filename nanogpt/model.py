@@ -1,0 +1,231 @@
+"""The GPT language model, nanoGPT-style, with swappable attention / LayerNorm / GELU backends.
+
+References:
+1) OpenAI's GPT-2: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from nanogpt.backends import get_backend
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    attn: str = "sdpa"  # backend name: naive | sdpa | triton (see nanogpt/backends.py)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                             f"choose n_embd as a multiple of n_head")
+        get_backend(self.attn)  # an unknown name fails here, listing the known ones
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's nn.LayerNorm cannot turn the bias off alone)."""
+
+    def __init__(self, ndim, bias, backend):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.backend = backend
+
+    def forward(self, x):
+        return self.backend.layer_norm(x, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, backend):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.backend = backend
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, nh, T, hs): strided views; the Triton kernel reads them without a copy
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is not None and kv_cache.length > 0:
+            # decoding: new queries attend to every cached key (all earlier), and causally among themselves
+            k, v = kv_cache.append(k, v)
+            y = kv_cache.attend(q, k, v)
+        else:
+            if kv_cache is not None:  # prefill: the same causal kernel as training, then remember k, v
+                kv_cache.append(k, v)
+            y = self.backend.attention(q, k, v, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config, backend):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.backend = backend
+
+    def forward(self, x):
+        # c_fc's bias is added inside the GELU so that a fused kernel does bias + GELU in one pass
+        x = self.backend.gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)
+        return self.dropout(self.c_proj(x))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, backend):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, backend)
+        self.attn = CausalSelfAttention(config, backend)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, backend)
+        self.mlp = MLP(config, backend)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        backend = get_backend(config.attn)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, backend) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias, backend),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (https://paperswithcode.com/method/weight-tying)
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        # GPT-2 paper: residual projections scaled by 1/sqrt(2 * n_layer)
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count. The position embeddings are subtracted by default; the token embeddings
+        stay, since they are tied to (and used as) the LM head's weights."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        b, t = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + t > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {start + t}: block_size is only "
+                             f"{self.config.block_size} (crop the context to the last {self.config.block_size} tokens)")
+        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
+
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache.layer(i) if kv_cache is not None else None)
+        if kv_cache is not None:
+            kv_cache.advance(t)
+        x = self.transformer.ln_f(x)
+
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            # inference: only the last position's logits are needed (the list [-1] keeps the time dim)
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Model surgery for a smaller block size, e.g. GPT-2's 1024 cropped to 256 for fine-tuning."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"block_size={block_size} is larger than the model's {self.config.block_size}: "
+                             f"a model can only be cropped to a smaller context")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        from nanogpt.pretrained import load_gpt2
+        return load_gpt2(cls, name_or_path, override_args)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        # weight-decay every 2-D tensor (matmul weights, embeddings); not biases nor LayerNorm gains
+        decay_params = [p for p in params if p.dim() >= 2]
+        nodecay_params = [p for p in params if p.dim() < 2]
+        optim_groups = [
+            {"params": decay_params, "weight_decay": weight_decay},
+            {"params": nodecay_params, "weight_decay": 0.0},
+        ]
+        fused_available = "fused" in inspect.signature(torch.optim.AdamW).parameters
+        use_fused = fused_available and device_type == "cuda"
+        extra_args = dict(fused=True) if use_fused else dict()
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+
+    def flops_per_token(self, seq_len=None):
+        """nanoGPT's (PaLM appendix B) count: 6N for the weights plus 12*L*H*Q*T for attention scores,
+        forward and backward together."""
+        N = self.get_num_params()
+        cfg = self.config
+        L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+        T = seq_len or cfg.block_size
+        return 6 * N + 12 * L * H * Q * T
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None, seq_len=None):
+        """Model FLOPs utilization: achieved FLOP/s over the device's dense bf16/fp16 peak.
+
+        `fwdbwd_per_iter` sequences of length `seq_len` (default block_size) per `dt` seconds. The peak
+        comes from `peak_flops` when given, else from the table of known GPUs for the device the model
+        is on. Returns None when the peak is unknown (a CPU, an unlisted GPU): never a silent guess.
+        """
+        from nanogpt.hardware import device_peak_flops
+        peak = peak_flops or device_peak_flops(next(self.parameters()).device)
+        if not peak:
+            return None
+        T = seq_len or self.config.block_size
+        flops_per_iter = self.flops_per_token(T) * T * fwdbwd_per_iter
+        return flops_per_iter / dt / peak
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 generator=None):
+        """Continue each sequence of idx (b, t) by max_new_tokens tokens (see nanogpt/generate.py)."""
+        from nanogpt.generate import generate
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        use_cache=use_cache, generator=generator)

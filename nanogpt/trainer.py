@@ -1,0 +1,375 @@
+"""The training loop: nanoGPT's train.py as a library, plus exact resume, preemption and divergence checks.
+
+Single process:  python train.py config/train_shakespeare_char.py
+DDP:             torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+"""
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanogpt.checkpoint import (CheckpointError, check_model_args, load_checkpoint, model_from_checkpoint,
+                                rng_state, save_checkpoint, set_rng_state)
+from nanogpt.config import TrainConfig, resolve_device, resolve_dtype, validate_train
+from nanogpt.data import BatchLoader, data_root, load_meta
+from nanogpt.model import GPT, GPTConfig
+
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "attn")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup (never 0 at it=0), cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    decay_ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits (clusters preempt with SIGTERM)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def uninstall(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+class Trainer:
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg = cfg
+        self.log = log
+        self._setup_distributed()
+        validate_train(cfg, self.world_size)
+        self.master = self.rank == 0
+        self.out_dir = Path(cfg.out_dir)
+        self.grad_accum = cfg.gradient_accumulation_steps // self.world_size
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+
+        self.device = self.device if self.ddp else resolve_device(cfg.device)
+        self.device_type = self.device.split(":")[0]
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.manual_seed(cfg.seed + self.rank)  # different dropout per rank; batches have their own stream
+        self.autocast = (nullcontext() if self.dtype == "float32"
+                         else torch.amp.autocast(device_type=self.device_type, dtype=PTDTYPE[self.dtype]))
+
+        self.data_dir = data_root() / cfg.dataset
+        self._ensure_dataset()
+        meta = load_meta(self.data_dir)
+        self.meta_vocab_size = meta["vocab_size"] if meta else None
+
+        self.iter_num = 0
+        self.best_val_loss = float("inf")
+        ckpt = self._init_model()
+        self.loader = BatchLoader(self.data_dir, cfg.block_size, cfg.batch_size, self.device, seed=cfg.seed,
+                                  rank=self.rank, world_size=self.world_size, vocab_size=self.model.config.vocab_size)
+        self.model.to(self.device)
+        # GradScaler only does something for float16; with other dtypes it is a no-op
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=(self.dtype == "float16"))
+        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                                         (cfg.beta1, cfg.beta2), self.device_type)
+        if ckpt is not None:
+            self._restore_training_state(ckpt)
+        del ckpt
+
+        self.raw_model = self.model
+        if cfg.compile:
+            self.log("compiling the model... (takes a ~minute)")
+            self.model = torch.compile(self.model)
+        if self.ddp:
+            self.model = DDP(self.model, device_ids=[self.local_rank] if self.device_type == "cuda" else None)
+        self.wandb = None
+        self.history = []  # (iter, train loss of the step) for every logged step
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+
+    def _setup_distributed(self):
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        if not self.ddp:
+            self.rank, self.local_rank, self.world_size = 0, 0, 1
+            return
+        import torch.distributed as dist
+        self.rank = int(os.environ["RANK"])
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        use_cuda = torch.cuda.is_available() and self.cfg.device != "cpu"
+        self.device = f"cuda:{self.local_rank}" if use_cuda else "cpu"
+        dist.init_process_group(backend=self.cfg.backend if use_cuda else "gloo",
+                                timeout=timedelta(seconds=self.cfg.ddp_timeout))
+
+    def _ensure_dataset(self):
+        if (self.data_dir / "train.bin").exists():
+            return
+        if self.cfg.dataset not in ("shakespeare_char", "shakespeare"):
+            return  # BatchLoader names the command that prepares it
+        if self.master:
+            from nanogpt.data import prepare
+            self.log(f"dataset {self.cfg.dataset} not found in {self.data_dir.parent}: preparing it now")
+            prepare(self.cfg.dataset, root=self.data_dir.parent)
+        self._barrier()
+
+    def _barrier(self):
+        if self.ddp:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def _model_args(self):
+        cfg = self.cfg
+        return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                    bias=cfg.bias, vocab_size=None, dropout=cfg.dropout, attn=cfg.attn)
+
+    def _init_model(self):
+        cfg = self.cfg
+        ckpt = None
+        if cfg.init_from == "scratch":
+            args = self._model_args()
+            args["vocab_size"] = self.meta_vocab_size or 50304
+            if self.master:
+                vocab_from = "meta.pkl" if self.meta_vocab_size else "GPT-2's 50257 padded to 50304"
+                self.log(f"initializing a new model from scratch (vocab_size {args['vocab_size']} from {vocab_from})")
+            self.model = GPT(GPTConfig(**args))
+        elif cfg.init_from == "resume":
+            path = self.out_dir / "ckpt.pt"
+            self.log(f"resuming training from {path}")
+            ckpt = load_checkpoint(path)
+            if self.meta_vocab_size is not None and ckpt["model_args"].get("vocab_size") != self.meta_vocab_size:
+                raise CheckpointError(f"{path} was trained with vocab_size {ckpt['model_args'].get('vocab_size')}, "
+                                      f"but dataset {cfg.dataset} has {self.meta_vocab_size}: resume it on its own "
+                                      f"dataset or start a new out_dir")
+            check_model_args(ckpt["model_args"], {k: getattr(cfg, k) for k in ("block_size",)}, path)
+            self.model = model_from_checkpoint(ckpt, path, attn=cfg.attn, dropout=cfg.dropout)
+        else:
+            self.log(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
+            self.model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout, attn=cfg.attn))
+            if cfg.block_size < self.model.config.block_size:
+                self.model.crop_block_size(cfg.block_size)
+        return ckpt
+
+    def _restore_training_state(self, ckpt):
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iter_num = ckpt["iter_num"]
+        self.best_val_loss = ckpt["best_val_loss"]
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])  # rank 0's streams: exact resume for a single process
+            if self.rank:  # other ranks: fresh dropout streams of their own
+                torch.manual_seed(self.cfg.seed + self.rank + 7919 * self.iter_num)
+        if "sampler" in ckpt:
+            self.loader.set_state(ckpt["sampler"])
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation, checkpoints
+
+    @torch.no_grad()
+    def estimate_loss(self):
+        """Mean loss over eval_iters batches per split, on a fixed stream of batches (the same each time)."""
+        out = {}
+        self.raw_model.eval()
+        for split in ("train", "val"):
+            generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+            losses = torch.zeros(self.cfg.eval_iters)
+            for k in range(self.cfg.eval_iters):
+                X, Y = self.loader.eval_batch(split, generator)
+                with self.autocast:
+                    _, loss = self.raw_model(X, Y)
+                losses[k] = loss.item()
+            out[split] = losses.mean().item()
+        self.raw_model.train()
+        return out
+
+    def checkpoint_state(self):
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "model_args": {k: getattr(self.raw_model.config, k) for k in MODEL_ARG_KEYS},
+            "iter_num": self.iter_num,
+            "best_val_loss": self.best_val_loss,
+            "config": asdict(self.cfg),
+            "rng": rng_state(),
+            "sampler": self.loader.get_state(),
+        }
+
+    def save(self, name="ckpt.pt"):
+        path = self.out_dir / name
+        self.log(f"saving checkpoint to {path}")
+        save_checkpoint(self.checkpoint_state(), path)
+        return path
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+
+    def _check_finite(self, value, what):
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"{what} became {value} at iteration {self.iter_num}: training stopped; the checkpoints in "
+                f"{self.out_dir} are from before it (lower --learning_rate, raise --warmup_iters, or use "
+                f"--dtype=bfloat16/float32)")
+
+    def _sync_flag(self, flag: bool) -> bool:
+        """True on every rank if any rank raised the flag (a signal may reach one rank only)."""
+        if not self.ddp:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _init_wandb(self):
+        if self.cfg.wandb_log and self.master:
+            import wandb  # validate_train has checked that it is installed
+            self.wandb = wandb.init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name,
+                                    config=asdict(self.cfg))
+
+    def train(self):
+        cfg = self.cfg
+        if self.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.log(f"tokens per iteration will be: {self.tokens_per_iter:,} "
+                     f"({cfg.gradient_accumulation_steps} accumulation x {cfg.batch_size} batch x "
+                     f"{cfg.block_size} block, {self.world_size} process(es))")
+        self._init_wandb()
+        stop = _StopRequest()
+        stop.install()
+        try:
+            return self._loop(stop)
+        finally:
+            stop.uninstall()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+    def _loop(self, stop):
+        cfg = self.cfg
+        t0 = time.time()
+        local_iter_num = 0
+        running_mfu = -1.0
+        saved_at = None
+        while True:
+            lr = get_lr(self.iter_num, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+            if self.iter_num % cfg.eval_interval == 0 and self.master:
+                losses = self.estimate_loss()
+                self.log(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                self._check_finite(losses["val"], "the validation loss")
+                if self.wandb is not None:
+                    self.wandb.log({"iter": self.iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
+                                    "lr": lr, "mfu": max(running_mfu, 0) * 100})
+                improved = losses["val"] < self.best_val_loss
+                if improved:
+                    self.best_val_loss = losses["val"]
+                if self.iter_num > 0 and not cfg.eval_only:
+                    if cfg.always_save_checkpoint:
+                        self.save("ckpt.pt")
+                    else:  # the latest state to resume from, and the best model apart
+                        self.save("ckpt.pt")
+                        if improved:
+                            self.save("best.pt")
+                    saved_at = self.iter_num
+            if cfg.eval_only:
+                break
+
+            loss_sum = torch.zeros((), device=self.device)
+            for micro_step, (X, Y) in enumerate(self.loader.train_step(self.grad_accum)):
+                last = micro_step == self.grad_accum - 1
+                # DDP: synchronize gradients only after the last micro-step
+                sync = self.model.no_sync() if (self.ddp and not last) else nullcontext()
+                with sync:
+                    with self.autocast:
+                        _, loss = self.model(X, Y)
+                        loss = loss / self.grad_accum  # the mean over the accumulated micro-batches
+                    self.scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+            if cfg.grad_clip != 0.0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            t1 = time.time()
+            dt, t0 = t1 - t0, t1
+            self.iter_num += 1
+            local_iter_num += 1
+            if (self.iter_num - 1) % cfg.log_interval == 0:
+                if self.ddp:
+                    import torch.distributed as dist
+                    dist.all_reduce(loss_sum)  # gloo has no AVG
+                    loss_sum /= self.world_size
+                lossf = loss_sum.item()  # a CPU-GPU sync: only at log intervals
+                self._check_finite(lossf, "the training loss")
+                self.history.append((self.iter_num - 1, lossf))
+                if self.master:
+                    if local_iter_num >= 5:  # let the training loop settle a bit
+                        mfu = self.raw_model.estimate_mfu(cfg.batch_size * self.grad_accum, dt,
+                                                          peak_flops=cfg.peak_flops or None)
+                        if mfu is not None:
+                            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+                    mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
+                    self.log(f"iter {self.iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+                             f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_text}")
+                    if self.wandb is not None:
+                        self.wandb.log({"iter": self.iter_num - 1, "train/loss_step": lossf, "lr": lr,
+                                        "tokens_per_sec": self.tokens_per_iter / dt,
+                                        "mfu": max(running_mfu, 0) * 100})
+
+            if self._sync_flag(stop.signum is not None):
+                if self.master:
+                    path = self.save("ckpt.pt")
+                    self.log(f"received {signal.Signals(stop.signum).name if stop.signum else 'a stop signal'}: "
+                             f"stopped after iteration {self.iter_num - 1}; checkpoint in {path}. Resume with: "
+                             f"python train.py ... --out_dir={cfg.out_dir} --init_from=resume")
+                self._barrier()
+                return {"stopped": True, "iter_num": self.iter_num, "history": self.history}
+
+            if self.iter_num > cfg.max_iters:
+                break
+
+        if self.master and not cfg.eval_only and saved_at != self.iter_num and self.iter_num > 0:
+            self.save("ckpt.pt")  # the final state, so the last iterations are never lost
+        self._barrier()
+        return {"stopped": False, "iter_num": self.iter_num, "best_val_loss": self.best_val_loss,
+                "history": self.history}
+
+    def close(self):
+        if self.ddp:
+            import torch.distributed as dist
+            dist.destroy_process_group()

