@@ -18,8 +18,10 @@ APPROXIMATIONS = ("none", "tanh")
 
 @triton.jit
 def _tanh(z):
-    # 1 - 2 / (exp(2z) + 1): exact limits +-1 for large |z| (exp overflows to inf or underflows to 0)
-    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+    # (1 - e) / (1 + e) with e = exp(-2|z|) <= 1: never overflows, exact limits +-1 for large |z|
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
 
 
 @triton.jit

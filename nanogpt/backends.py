@@ -5,7 +5,7 @@ Adding a backend is one `register_backend` call; the model never branches on the
 Every backend implements the same three functions:
     attention(q, k, v, dropout_p) -> y     q, k, v: (B, H, T, D), causal, scale 1/sqrt(D)
     layer_norm(x, weight, bias, eps) -> y  normalizes the last dimension; bias may be None
-    gelu(x, bias) -> y                     exact (erf) GELU of x + bias; bias may be None
+    gelu(x, bias, approximate) -> y        GELU of x + bias, exact ("none", erf) or "tanh"; bias may be None
 """
 import math
 from dataclasses import dataclass
@@ -68,9 +68,11 @@ def naive_layer_norm(x, weight, bias=None, eps=1e-5):
     return y + bias if bias is not None else y
 
 
-def naive_gelu(x, bias=None):
+def naive_gelu(x, bias=None, approximate="none"):
     if bias is not None:
         x = x + bias
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
     return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
 
 
@@ -86,8 +88,8 @@ def sdpa_layer_norm(x, weight, bias=None, eps=1e-5):
     return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
 
 
-def sdpa_gelu(x, bias=None):
-    return F.gelu(x + bias if bias is not None else x)
+def sdpa_gelu(x, bias=None, approximate="none"):
+    return F.gelu(x + bias if bias is not None else x, approximate=approximate)
 
 
 def _triton_backend() -> Backend:

@@ -118,7 +118,7 @@ def _coerce(key, raw, expected, source):
     raise ConfigError(f"{source}: {key}={raw!r} has type {type(raw).__name__}, but {key} takes {names}")
 
 
-def _parse_literal(text, expected):
+def _parse_literal(text):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -165,7 +165,9 @@ def parse_args(cls, argv):
         if key not in known:
             raise _unknown_key(key, cls, "command line")
         expected = known[key]
-        raw = text if expected is str else _parse_literal(text, expected)
+        raw = _parse_literal(text)
+        if expected is str and not isinstance(raw, str):
+            raw = text  # --out_dir=123 or --start=None mean the text itself
         values[key] = _coerce(key, raw, expected, "command line")
     return cls(**values)
 

@@ -25,12 +25,15 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     attn: str = "sdpa"  # backend name: naive | sdpa | triton (see nanogpt/backends.py)
+    gelu: str = "none"  # "none": exact erf GELU (nanoGPT); "tanh": the approximation GPT-2 was trained with
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                              f"choose n_embd as a multiple of n_head")
         get_backend(self.attn)  # an unknown name fails here, listing the known ones
+        if self.gelu not in ("none", "tanh"):
+            raise ValueError(f"gelu={self.gelu!r}: choose 'none' (exact) or 'tanh'")
 
 
 class LayerNorm(nn.Module):
@@ -85,10 +88,11 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.backend = backend
+        self.approximate = config.gelu
 
     def forward(self, x):
         # c_fc's bias is added inside the GELU so that a fused kernel does bias + GELU in one pass
-        x = self.backend.gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)
+        x = self.backend.gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias, self.approximate)
         return self.dropout(self.c_proj(x))
 
 

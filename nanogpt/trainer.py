@@ -22,7 +22,7 @@ from nanogpt.data import BatchLoader, data_root, load_meta
 from nanogpt.model import GPT, GPTConfig
 
 PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "attn")
+MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "attn", "gelu")
 
 
 class TrainingDiverged(RuntimeError):

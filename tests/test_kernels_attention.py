@@ -1,0 +1,170 @@
+"""kernels.attention against a float64 reference.
+
+Error norm: relative Frobenius (L2) norm, ||actual - expected|| / ||expected||; for gradients the denominator
+is max(||expected||, ||dO||), since a gradient can be exactly zero (T=1: dq = dk = 0)."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, relative_error
+from kernels import attention
+from kernels.attention import dropout_mask, last_seed_of
+
+SHAPES = [(1, 1, 1, 16), (2, 3, 7, 32), (1, 2, 100, 48), (2, 2, 128, 64), (1, 1, 257, 80), (1, 2, 64, 128),
+          (1, 1, 33, 96)]
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def reference(q, k, v, causal, scale=None, keep=None, dropout_p=0.0):
+    """Explicit float64 attention; `keep` applies a given dropout mask (scaled by 1/(1-p))."""
+    q, k, v = q.double(), k.double(), v.double()
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        T = q.shape[-2]
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if keep is not None:
+        p = p * keep / (1.0 - dropout_p)
+    return p @ v
+
+
+def make_qkv(shape, dtype, seed=0):
+    torch.manual_seed(seed)
+    return [torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_() for _ in range(3)]
+
+
+def check(q, k, v, causal, dtype, **kwargs):
+    o = attention(q, k, v, causal=causal, **{k_: v_ for k_, v_ in kwargs.items() if k_ != "keep"})
+    assert o.dtype == dtype and o.shape == q.shape
+    o_ref = reference(q, k, v, causal, kwargs.get("scale"), kwargs.get("keep"), kwargs.get("dropout_p", 0.0))
+    tol = TOLERANCE[dtype]
+    assert relative_error(o, o_ref) <= tol, "output"
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do.double())
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert g.dtype == dtype
+        assert relative_error(g, g_ref, scale=do) <= tol, f"d{name}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_gradients(shape, causal, dtype):
+    check(*make_qkv(shape, dtype), causal, dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_custom_scale_and_unequal_lengths(causal):
+    q, k, v = make_qkv((1, 2, 40, 64), torch.float32)
+    check(q, k, v, causal, torch.float32, scale=0.3)
+    if not causal:  # cross-attention shapes: 40 queries, 70 keys
+        _, k2, v2 = make_qkv((1, 2, 70, 64), torch.float32, seed=1)
+        check(q, k2, v2, False, torch.float32)
+
+
+def test_strided_views_read_in_place():
+    """The model's (B, T, H, D).transpose(1, 2) views give the same results as contiguous copies."""
+    torch.manual_seed(0)
+    B, T, H, D = 2, 45, 3, 32
+    qkv = torch.randn(B, T, 3 * H * D, device=DEVICE)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    assert not q.is_contiguous()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    copies = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    o1, o2 = attention(*leaves), attention(*copies)
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+    do = torch.randn_like(o1)
+    for g1, g2 in zip(torch.autograd.grad(o1, leaves, do), torch.autograd.grad(o2, copies, do)):
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ dropout
+
+
+def test_dropout_zero_is_the_plain_path():
+    q, k, v = make_qkv((1, 2, 50, 32), torch.float32)
+    torch.testing.assert_close(attention(q, k, v, dropout_p=0.0), attention(q, k, v), rtol=0, atol=0)
+
+
+def test_dropout_is_reproducible_with_a_fixed_seed():
+    q, k, v = make_qkv((2, 2, 40, 32), torch.float32)
+    results = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        o = attention(q, k, v, dropout_p=0.3)
+        results.append((o, *torch.autograd.grad(o.sum(), (q, k, v))))
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(results[0][0], results[2][0])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", [(1, 2, 37, 32), (2, 1, 70, 64)], ids=str)
+def test_dropout_matches_reference_with_the_kernels_own_mask(shape, causal):
+    p = 0.25
+    q, k, v = make_qkv(shape, torch.float32)
+    torch.manual_seed(123)
+    _, seed = last_seed_of(q, k, v, causal, p)
+    B, H, T, _ = shape
+    keep = dropout_mask(B, H, T, T, p, seed, device=DEVICE)
+    torch.manual_seed(123)  # attention() draws the same seed again
+    check(q, k, v, causal, torch.float32, dropout_p=p, keep=keep)
+
+
+def test_dropout_statistics():
+    p = 0.4
+    B, H, T = 2, 2, 96
+    keep = dropout_mask(B, H, T, T, p, seed=2024, device=DEVICE)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) <= 4 * math.sqrt(p * (1 - p) / n)  # 4 sigma
+    other = dropout_mask(B, H, T, T, p, seed=2025, device=DEVICE)
+    assert (keep != other).float().mean().item() > 0.4  # different seeds, independent masks
+    # different heads and rows do not repeat the same pattern
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+    # dropout is unbiased: the mean over many seeds approaches the output without dropout, as 1/sqrt(n)
+    q, k, v = (t.detach() for t in make_qkv((1, 1, 32, 16), torch.float32))
+    o = attention(q, k, v)
+    outs = []
+    for seed in range(120):
+        torch.manual_seed(seed)
+        outs.append(attention(q, k, v, dropout_p=p))
+    outs = torch.stack(outs)
+    err_10 = relative_error(outs[:10].mean(0), o)
+    err_120 = relative_error(outs.mean(0), o)
+    assert err_120 < 0.15 and err_120 < 0.6 * err_10
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_errors():
+    q, k, v = (t.detach() for t in make_qkv((1, 2, 8, 32), torch.float32))
+    with pytest.raises(ValueError, match=r"attention: shapes do not match: q \(1, 2, 8, 32\), k \(1, 3, 8, 32\)"):
+        attention(q, torch.randn(1, 3, 8, 32, device=DEVICE), v)
+    with pytest.raises(ValueError, match="attention: head dim 40 is not supported; supported: 16, 32, 48, 64"):
+        x = torch.randn(1, 2, 8, 40, device=DEVICE)
+        attention(x, x, x)
+    with pytest.raises(TypeError, match="attention: q has dtype torch.int64; supported: float32"):
+        attention(q.long(), k, v)
+    with pytest.raises(TypeError, match="q, k, v must share a dtype"):
+        attention(q, k.half(), v)
+    with pytest.raises(ValueError, match=r"attention: q must be a 4-d tensor \(B, H, T, D\), got \(2, 8, 32\)"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match=r"dropout_p=1.0 must be in \[0, 1\)"):
+        attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match="causal attention needs as many keys as queries"):
+        attention(q, k[:, :, :5], v[:, :, :5])
+
+
+def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(1, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="on the CPU they run only through Triton's interpreter"):
+        attention(x, x, x)

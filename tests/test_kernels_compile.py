@@ -1,0 +1,80 @@
+"""The kernels are torch.library custom ops: opcheck passes and torch.compile(fullgraph=True) traces them."""
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import DEVICE
+from kernels import attention, gelu, layer_norm
+from kernels.attention import _attention_fwd_op
+from kernels.gelu import _gelu_fwd_op
+from kernels.layer_norm import _layer_norm_fwd_op
+
+
+def r(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE, requires_grad=True)
+
+
+OPCHECK_CASES = [
+    ("layer_norm", _layer_norm_fwd_op, lambda: (r(3, 5, 64), r(64), r(64), 1e-5)),
+    ("layer_norm_nobias", _layer_norm_fwd_op, lambda: (r(4, 100), r(100), None, 1e-5)),
+    ("gelu", _gelu_fwd_op, lambda: (r(4, 96), r(96), "none")),
+    ("gelu_tanh", _gelu_fwd_op, lambda: (r(2, 3, 32), None, "tanh")),
+    ("attention", _attention_fwd_op, lambda: (r(1, 2, 20, 32), r(1, 2, 20, 32), r(1, 2, 20, 32), True, 0.0, 0.2)),
+    ("attention_full", _attention_fwd_op, lambda: (r(2, 1, 9, 16), r(2, 1, 9, 16), r(2, 1, 9, 16), False, 0.0,
+                                                   0.25)),
+]
+
+
+@pytest.mark.parametrize("name,op,make_args", OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
+def test_opcheck(name, op, make_args):
+    torch.library.opcheck(op, make_args())
+
+
+class TinyBlock(nn.Module):
+    """A pre-LN transformer block built only from the three kernels."""
+
+    def __init__(self, C=64, H=2):
+        super().__init__()
+        self.H = H
+        self.ln_w, self.ln_b = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
+        self.qkv = nn.Linear(C, 3 * C)
+        self.fc = nn.Linear(C, 4 * C)
+        self.proj = nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = layer_norm(x, self.ln_w, self.ln_b)
+        q, k, v = (t.view(B, T, self.H, C // self.H).transpose(1, 2) for t in self.qkv(h).split(C, dim=2))
+        x = x + attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+        h = layer_norm(x, self.ln_w, None)
+        return x + self.proj(gelu(nn.functional.linear(h, self.fc.weight), self.fc.bias))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    block = TinyBlock().to(DEVICE)
+    x = torch.randn(2, 24, 64, device=DEVICE)
+    eager = block(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), list(block.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")  # no C++ build: fast on 2 cores
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), list(block.parameters()))
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, eager_grads):
+        torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_inductor_fullgraph_on_the_gpt():
+    """The whole GPT with attn=triton under the default inductor backend, fullgraph: no graph breaks."""
+    from nanogpt.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=32, attn="triton")).to(DEVICE)
+    idx = torch.randint(0, 50, (2, 16), device=DEVICE)
+    eager_logits, eager_loss = model(idx, idx)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    logits, loss = compiled(idx, idx)
+    loss.backward()
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
+    assert all(p.grad is not None for p in model.parameters())
