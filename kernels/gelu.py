@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float
+from kernels._common import check_device, check_float, interpreting
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -55,11 +55,13 @@ def _gelu_bwd(DY, X, Bias, DX, numel, N, HAS_BIAS: tl.constexpr, APPROX_TANH: tl
     tl.store(DX + offs, (dy * dgelu).to(DX.dtype.element_ty), mask=mask)
 
 
-BLOCK = 1024
+def _block():
+    # under the interpreter every program costs Python time, and wide numpy tiles cost little
+    return 65536 if interpreting() else 1024
 
 
 def _grid(numel):
-    return (triton.cdiv(numel, BLOCK),)
+    return (triton.cdiv(numel, _block()),)
 
 
 @torch.library.custom_op("nanogpt_kernels::gelu_fwd", mutates_args=())
@@ -68,7 +70,7 @@ def _gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -
     y = torch.empty_like(x)
     if x.numel():
         _gelu_fwd[_grid(x.numel())](x, bias if bias is not None else x, y, x.numel(), x.shape[-1],
-                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK=BLOCK)
+                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK=_block())
     return y
 
 
@@ -84,7 +86,7 @@ def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, a
     dx = torch.empty_like(x)
     if x.numel():
         _gelu_bwd[_grid(x.numel())](dy, x, bias if bias is not None else x, dx, x.numel(), x.shape[-1],
-                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK=BLOCK)
+                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK=_block())
     return dx
 
 

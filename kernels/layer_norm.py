@@ -2,14 +2,14 @@
 
     y = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps),   var the biased variance
 
-Forward: one program per row holds the whole row in registers, computes mean then the variance of
+Forward: each program holds whole rows in registers (one row when they are wide, a tile of rows when narrow), computes mean then the variance of
 (x - mean) in fp32 (two passes over registers: no E[x^2] - E[x]^2 cancellation for rows with a large mean),
 writes y and saves mean and rstd for backward.
 
 Backward, with xhat = (x - mean) * rstd and wdy = w * dy:
     dx = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))
     dw = sum over rows of dy * xhat,   db = sum over rows of dy
-A fixed number of programs each walk a strided set of rows, compute dx in the same row pass and keep
+A fixed number of programs each walk a strided set of row tiles, compute dx in the same row pass and keep
 their dw/db partial sums in registers; a second small kernel adds the partial sums. No atomics: the result
 is deterministic and there is no contention whatever the number of rows.
 """
@@ -17,56 +17,64 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, num_programs_hint
+from kernels._common import check_device, check_float, interpreting, num_programs_hint
 
 
 @triton.jit
-def _layer_norm_fwd(X, Y, W, B, Mean, Rstd, stride_x, stride_y, N, eps,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0)
+def _layer_norm_fwd(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, eps,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # BLOCK_M whole rows per program (1 for wide rows; several for narrow ones, to keep programs busy)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / N
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols[None, :] < N)
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :]
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+        y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
 
 
 @triton.jit
 def _layer_norm_bwd_dx(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, stride_dy, stride_x, stride_dx,
-                       M, N, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                       M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program p handles row tiles p, p + P, p + 2P, ... and keeps its dw/db partial sums in registers
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for row in range(pid, M, num_progs):
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row)
-        rstd = tl.load(Rstd + row)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        c2 = tl.sum(wdy, axis=0) / N
-        dx = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    col_mask = cols < N
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(M, BLOCK_M), num_progs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         if HAS_BIAS:
             db_acc += dy
-    tl.store(DW_partial + pid * N + cols, dw_acc, mask=mask)
+    tl.store(DW_partial + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     if HAS_BIAS:
-        tl.store(DB_partial + pid * N + cols, db_acc, mask=mask)
+        tl.store(DB_partial + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -94,6 +102,13 @@ def _warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
+def _rows_per_program(block_n: int) -> int:
+    """Rows per tile: ~4K elements on a GPU (narrow rows share a program), ~64K under the interpreter,
+    where each program costs Python time and wide numpy tiles cost little."""
+    budget = 65536 if interpreting() else 4096
+    return max(1, min(128, budget // block_n))
+
+
 # ------------------------------------------------------------------------------------------------
 # PyTorch custom ops: opaque to torch.compile (traced through their fake implementations), differentiable
 # through register_autograd. torch.library.custom_op rather than triton_op: its fake tensors never reach
@@ -113,9 +128,10 @@ def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
         block_n = _block_n(N, x.element_size())
-        _layer_norm_fwd[(M,)](x2, y, weight, bias if bias is not None else weight, mean, rstd,
-                              x2.stride(0), y.stride(0), N, eps,
-                              HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=_warps(block_n))
+        block_m = _rows_per_program(block_n)
+        _layer_norm_fwd[(triton.cdiv(M, block_m),)](x2, y, weight, bias if bias is not None else weight, mean, rstd,
+                                                    x2.stride(0), y.stride(0), M, N, eps, HAS_BIAS=bias is not None,
+                                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_n))
     return y.view(x.shape), mean, rstd
 
 
@@ -143,12 +159,14 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     if M == 0:
         return dx.view(x.shape), dw.zero_(), db.zero_()
     block_n = _block_n(N, x.element_size())
-    programs = max(1, min(M, num_programs_hint(x.device)))
+    block_m = _rows_per_program(block_n)
+    programs = max(1, min(triton.cdiv(M, block_m), num_programs_hint(x.device)))
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else dw_partial
     _layer_norm_bwd_dx[(programs,)](dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
                                     dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
-                                    HAS_BIAS=has_bias, BLOCK_N=block_n, num_warps=_warps(block_n))
+                                    HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
+                                    num_warps=_warps(block_n))
     block_cols = 128
     grid = (triton.cdiv(N, block_cols),)
     _sum_partials[grid](dw_partial, dw, programs, N, BLOCK_P=32, BLOCK_N=block_cols)

@@ -236,10 +236,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the loop
 
-    def _check_finite(self, value, what):
+    def _check_finite(self, value, what, iteration):
         if not math.isfinite(value):
             raise TrainingDiverged(
-                f"{what} became {value} at iteration {self.iter_num}: training stopped; the checkpoints in "
+                f"{what} became {value} at iteration {iteration}: training stopped; the checkpoints in "
                 f"{self.out_dir} are from before it (lower --learning_rate, raise --warmup_iters, or use "
                 f"--dtype=bfloat16/float32)")
 
@@ -289,7 +289,7 @@ class Trainer:
             if self.iter_num % cfg.eval_interval == 0 and self.master:
                 losses = self.estimate_loss()
                 self.log(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                self._check_finite(losses["val"], "the validation loss")
+                self._check_finite(losses["val"], "the validation loss", self.iter_num)
                 if self.wandb is not None:
                     self.wandb.log({"iter": self.iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
                                     "lr": lr, "mfu": max(running_mfu, 0) * 100})
@@ -335,7 +335,7 @@ class Trainer:
                     dist.all_reduce(loss_sum)  # gloo has no AVG
                     loss_sum /= self.world_size
                 lossf = loss_sum.item()  # a CPU-GPU sync: only at log intervals
-                self._check_finite(lossf, "the training loss")
+                self._check_finite(lossf, "the training loss", self.iter_num - 1)
                 self.history.append((self.iter_num - 1, lossf))
                 if self.master:
                     if local_iter_num >= 5:  # let the training loop settle a bit

@@ -1,0 +1,145 @@
+import hashlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.config import TrainConfig
+from nanogpt.trainer import Trainer, TrainingDiverged, get_lr
+
+
+def tiny_config(out_dir, **overrides):
+    base = dict(dataset="tiny_char", out_dir=str(out_dir), device="cpu", dtype="float32", compile=False,
+                n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, gradient_accumulation_steps=1,
+                max_iters=100, lr_decay_iters=100, warmup_iters=10, learning_rate=3e-3, min_lr=3e-4,
+                eval_interval=50, eval_iters=4, log_interval=1, beta2=0.99, dropout=0.0, bias=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def run(cfg, logs=None):
+    trainer = Trainer(cfg, log=(logs.append if logs is not None else lambda *_: None))
+    try:
+        return trainer, trainer.train()
+    finally:
+        trainer.close()
+
+
+def test_training_lowers_the_loss_and_resume_continues(char_dataset, tmp_path):
+    logs = []
+    trainer, result = run(tiny_config(tmp_path / "out"), logs)
+    losses = [loss for _, loss in result["history"]]
+    assert len(losses) == 101  # iterations 0..max_iters, as nanoGPT
+    assert sum(losses[-10:]) / 10 < 0.6 * losses[0]
+    evals = [line for line in logs if line.startswith("step ")]
+    assert evals[0].startswith("step 0:") and evals[-1].startswith("step 100:")
+    first_val, last_val = (float(line.rsplit(" ", 1)[1]) for line in (evals[0], evals[-1]))
+    assert last_val < first_val - 1.0
+    assert any("tok/s" in line and "mfu n/a" in line for line in logs)  # no invented MFU on a CPU
+
+    ckpt = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["iter_num"] == 101 and ckpt["config"]["dataset"] == "tiny_char"
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "model_args", "iter_num", "best_val_loss", "config",
+                         "rng", "sampler"}
+    _, resumed = run(tiny_config(tmp_path / "out", init_from="resume", max_iters=110))
+    assert resumed["history"][0][0] == 101 and resumed["history"][-1][0] == 110
+    assert resumed["history"][0][1] < losses[0] * 0.7  # it continued from the trained weights
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_is_exact(char_dataset, tmp_path, dropout):
+    """N+M iterations straight == N, stop, resume to N+M: identical losses at every iteration."""
+    common = dict(dropout=dropout, eval_interval=10, lr_decay_iters=30)
+    _, straight = run(tiny_config(tmp_path / "a", max_iters=29, **common))
+    _, first = run(tiny_config(tmp_path / "b", max_iters=14, **common))
+    _, second = run(tiny_config(tmp_path / "b", max_iters=29, init_from="resume", **common))
+    assert first["history"] + second["history"] == straight["history"]
+
+
+def test_separate_best_and_latest_checkpoints(char_dataset, tmp_path):
+    run(tiny_config(tmp_path / "o", always_save_checkpoint=False, max_iters=20, eval_interval=10))
+    latest = load_checkpoint(tmp_path / "o" / "ckpt.pt")
+    best = load_checkpoint(tmp_path / "o" / "best.pt")
+    assert latest["iter_num"] == 21 and best["iter_num"] in (10, 20)
+
+
+def test_nan_loss_stops_with_the_iteration_and_keeps_the_best_checkpoint(char_dataset, tmp_path):
+    out = tmp_path / "o"
+    run(tiny_config(out, always_save_checkpoint=False, max_iters=10, eval_interval=5))
+    best_hash = hashlib.sha256((out / "best.pt").read_bytes()).hexdigest()
+    trainer = Trainer(tiny_config(out, init_from="resume", always_save_checkpoint=False, max_iters=30,
+                                  eval_interval=5), log=lambda *_: None)
+    with torch.no_grad():
+        trainer.raw_model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="became nan at iteration 11"):
+        trainer.train()
+    assert hashlib.sha256((out / "best.pt").read_bytes()).hexdigest() == best_hash
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, lr_decay_iters=1100)
+    assert get_lr(0, cfg) == pytest.approx(1e-3 * 1 / 101)  # never 0 at it=0
+    assert get_lr(50, cfg) == pytest.approx(1e-3 * 51 / 101)
+    assert get_lr(99, cfg) == pytest.approx(1e-3 * 100 / 101)
+    assert get_lr(100, cfg) == pytest.approx(1e-3)  # warmup end: the peak
+    assert get_lr(600, cfg) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half way: cos(pi/2) = 0
+    assert get_lr(350, cfg) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 0.25)) * 9e-4)
+    assert get_lr(1100, cfg) == pytest.approx(1e-4)
+    assert get_lr(5000, cfg) == pytest.approx(1e-4)
+    cfg.decay_lr = False
+    assert get_lr(0, cfg) == get_lr(5000, cfg) == 1e-3
+
+
+def test_triton_backend_trains_like_naive(char_dataset, tmp_path):
+    """100 steps with the Triton kernels (interpreted) end within 1% of naive's loss, same seed."""
+    final = {}
+    for attn in ("naive", "triton"):
+        # one layer, batch 4: the interpreter runs each Triton program in Python (~0.2 s a step here)
+        _, result = run(tiny_config(tmp_path / attn, attn=attn, eval_interval=1000, n_layer=1, batch_size=4))
+        final[attn] = sum(loss for _, loss in result["history"][-10:]) / 10
+    assert abs(final["triton"] - final["naive"]) <= 0.01 * final["naive"]
+
+
+def test_missing_dataset_is_prepared_automatically(data_dir, tmp_path, monkeypatch):
+    import nanogpt.data
+    monkeypatch.setattr(nanogpt.data, "shakespeare_text", lambda source=None: "To be, or not to be.\n" * 200)
+    logs = []
+    run(tiny_config(tmp_path / "o", dataset="shakespeare_char", max_iters=2, eval_interval=100), logs)
+    assert any("dataset shakespeare_char not found" in line and "preparing it now" in line for line in logs)
+    assert (data_dir / "shakespeare_char" / "meta.pkl").exists()
+
+
+def test_missing_dataset_error_names_the_command(data_dir, tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--dataset=openwebtext", "--device=cpu", "--n_layer=1",
+                        "--n_head=1", "--n_embd=16", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "NANOGPT_DATA": str(data_dir)})
+    assert r.returncode == 1
+    assert "error:" in r.stderr and "prepare the dataset first (python -m nanogpt.data openwebtext)" in r.stderr
+
+
+def test_sigterm_saves_and_exits_cleanly(char_dataset, tmp_path):
+    out = tmp_path / "o"
+    args = [sys.executable, "-u", "train.py", "--dataset=tiny_char", "--device=cpu", "--n_layer=2", "--n_head=2",
+            "--n_embd=32", "--block_size=16", "--batch_size=8", "--gradient_accumulation_steps=1",
+            "--max_iters=100000", "--eval_interval=100000", "--eval_iters=2", "--log_interval=1", f"--out_dir={out}"]
+    env = {**os.environ, "NANOGPT_DATA": str(char_dataset.parent)}
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("iter 20:"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "received SIGTERM: stopped after iteration" in rest
+    assert f"Resume with: python train.py ... --out_dir={out} --init_from=resume" in rest
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] >= 21
