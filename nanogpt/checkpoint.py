@@ -24,6 +24,8 @@ def save_checkpoint(obj, path) -> None:
     a temporary file in the same folder, flushed and fsynced, renamed over path, then the folder fsynced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -68,9 +70,8 @@ def clean_state_dict(state_dict: dict) -> dict:
     """Drop the '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes some saved state dicts carry."""
     out = {}
     for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
         out[k] = v
     return out
 

@@ -1,0 +1,74 @@
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from conftest import ROOT
+from nanogpt.checkpoint import clean_state_dict, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from nanogpt.checkpoint import save_checkpoint
+i = 0
+while True:
+    i += 1
+    save_checkpoint({{"model": {{"w": torch.full((4_000_000,), float(i))}}, "model_args": {{}}, "iter_num": i}}, {path!r})
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_writes_never_leaves_a_torn_checkpoint(tmp_path):
+    """SIGKILL a process that rewrites a 16 MB checkpoint in a loop, at random moments: every time, ckpt.pt
+    loads whole (the old or the new one) and no temporary file is mistaken for it."""
+    path = tmp_path / "ckpt.pt"
+    rng = random.Random(0)
+    kills, corrupt, last_seen = 0, 0, 0
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), path=str(path))],
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete write
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        proc.wait()
+        kills += 1
+        try:
+            ckpt = load_checkpoint(path)
+            value = ckpt["model"]["w"]
+            assert bool((value == value[0]).all()) and ckpt["iter_num"] == int(value[0].item())
+            last_seen = ckpt["iter_num"]
+        except Exception:
+            corrupt += 1
+    assert kills == 12 and corrupt == 0 and last_seen >= 1
+    print(f"{kills} kills during checkpoint writes, {corrupt} corrupt checkpoints")
+
+
+def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint({"model": {}, "model_args": {}, "rng": rng_state()}, tmp_path / "c.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"model": {"a": torch.ones(2)}, "model_args": {}}, path)
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    try:
+        save_checkpoint({"model": {"a": torch.zeros(2)}, "model_args": {}}, path)
+    except OSError:
+        pass
+    assert torch.equal(load_checkpoint(path)["model"]["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_clean_state_dict_strips_compile_and_ddp_prefixes():
+    sd = {"_orig_mod.a": 1, "module._orig_mod.b": 2, "c": 3}
+    assert clean_state_dict(sd) == {"a": 1, "b": 2, "c": 3}
