@@ -1,0 +1,127 @@
+"""One training configuration, timed: nanoGPT's bench.py on the project's --key=value config system.
+
+    python -m bench --n_layer=12 --batch_size=12 --attn=triton --compile=True
+    python -m bench --device=cpu --n_layer=2 --n_embd=128 --n_head=4 --block_size=64 --batch_size=8
+    python -m bench ... --profile=True      # also writes a torch.profiler trace (chrome://tracing, Perfetto)
+
+Prints ms/iter, tokens/s and MFU (nanoGPT's estimate_mfu convention; n/a where the device's peak is unknown).
+"""
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanogpt.config import _opt, cli_config, ConfigError, resolve_device, resolve_dtype, check_compile
+
+
+@dataclass
+class BenchConfig:
+    batch_size: int = _opt(12, "sequences per step")
+    block_size: int = _opt(1024, "context length")
+    n_layer: int = _opt(12, "transformer blocks")
+    n_head: int = _opt(12, "attention heads")
+    n_embd: int = _opt(768, "embedding width")
+    vocab_size: int = _opt(50304, "vocabulary (random data) ")
+    dropout: float = _opt(0.0, "dropout")
+    bias: bool = _opt(False, "bias in Linear and LayerNorm layers")
+    attn: str = _opt("sdpa", "kernel backend: naive | sdpa | triton")
+    real_data: bool = _opt(False, "read batches from data/<dataset> instead of random tokens")
+    dataset: str = _opt("openwebtext", "dataset folder for real_data=True")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16")
+    compile: bool = _opt(False, "torch.compile the model (compile time is not timed)")
+    seed: int = _opt(1337, "random seed")
+    warmup_steps: int = _opt(10, "untimed steps first (compile, autotuning, allocator warm-up)")
+    num_steps: int = _opt(20, "timed steps")
+    profile: bool = _opt(False, "write a torch.profiler chrome trace of a few steps")
+    profile_file: str = _opt("bench_trace.json", "where the trace goes")
+    peak_flops: float = _opt(0.0, "device peak FLOP/s for MFU; 0 takes it from the table of known GPUs")
+
+
+def validate(cfg):
+    from nanogpt.backends import available_backends
+    if cfg.attn not in available_backends():
+        raise ConfigError(f"unknown attention backend attn={cfg.attn!r}: choose one of {', '.join(available_backends())}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    if cfg.num_steps <= 0:
+        raise ConfigError(f"num_steps={cfg.num_steps} must be > 0")
+    device = resolve_device(cfg.device)
+    resolve_dtype(cfg.dtype, device)
+    check_compile(cfg.compile, device)
+
+
+def main(argv):
+    cfg = cli_config(BenchConfig, argv, "usage: python -m bench [config_file.py] [--key=value ...]", validate)
+    from nanogpt.model import GPT, GPTConfig
+    from nanogpt.trainer import PTDTYPE
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    device_type = device.split(":")[0]
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (contextlib.nullcontext() if dtype == "float32"
+                else torch.amp.autocast(device_type=device_type, dtype=PTDTYPE[dtype]))
+
+    if cfg.real_data:
+        from nanogpt.data import BatchLoader, data_root
+        loader = BatchLoader(data_root() / cfg.dataset, cfg.block_size, cfg.batch_size, device, seed=cfg.seed)
+        get_batch = lambda: next(loader.train_step(1))  # noqa: E731
+    else:
+        x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
+        y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
+        get_batch = lambda: (x, y)  # noqa: E731
+
+    model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                          dropout=cfg.dropout, bias=cfg.bias, vocab_size=cfg.vocab_size, attn=cfg.attn)).to(device)
+    optimizer = model.configure_optimizers(1e-2, 1e-4, (0.9, 0.95), device_type)
+    step_model = torch.compile(model) if cfg.compile else model
+
+    def step():
+        X, Y = get_batch()
+        with autocast:
+            _, loss = step_model(X, Y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    print(f"{model.get_num_params() / 1e6:.2f}M parameters, attn={cfg.attn}, compile={cfg.compile}, {device}, {dtype}")
+    for _ in range(cfg.warmup_steps):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for k in range(cfg.num_steps):
+        loss = step()
+    lossf = loss.item()  # syncs
+    sync()
+    dt = (time.perf_counter() - t0) / cfg.num_steps
+    tokens = cfg.batch_size * cfg.block_size
+    mfu = model.estimate_mfu(cfg.batch_size, dt, peak_flops=cfg.peak_flops or None)
+    mfu_text = f"{mfu * 100:.2f}%" if mfu is not None else "n/a (unknown device peak: set --peak_flops)"
+    print(f"loss {lossf:.4f}, time per iteration: {dt * 1000:.2f}ms, {tokens / dt:,.0f} tokens/s, MFU: {mfu_text}")
+
+    if cfg.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device_type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        prof.export_chrome_trace(cfg.profile_file)
+        print(f"wrote profiler trace to {cfg.profile_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

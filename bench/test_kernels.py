@@ -1,0 +1,214 @@
+"""Kernel cases: attention, LayerNorm, GELU; forward and forward+backward; every backend the device has.
+
+Reported per row (extra_info): median seconds per call, TFLOP/s (attention) or GB/s (LayerNorm, GELU),
+and that figure as a fraction of the measured roofline (matmul FLOP/s, copy bytes/s).
+FLOPs: attention forward 4*B*H*T^2*D (half of it when causal), backward 2.5x forward.
+Bytes: what the kernel must move at least — LayerNorm/GELU forward reads x and writes y (2 passes over the
+activation), backward reads x and dy and writes dx (3 passes): forward+backward is 5 passes.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.common import (DEVICE, INTERPRETED_TRITON, ON_GPU, gate, low_precision_dtype, measure, record_untimed,
+                          rotation_count, tensor_bytes)
+from nanogpt.backends import naive_attention, naive_gelu, naive_layer_norm
+
+LOW = low_precision_dtype()
+DTYPES = [torch.float32, LOW]
+
+if ON_GPU:
+    ATTENTION_SHAPES = [(16, 12, 1024, 64), (4, 16, 4096, 128)]  # GPT-2 124M; a long, wide-head case
+    ROW_SHAPES = {"layer_norm": [(16384, 768), (16384, 1600)], "gelu": [(16384, 3072)]}
+else:
+    ATTENTION_SHAPES = [(2, 4, 128, 64)]
+    ROW_SHAPES = {"layer_norm": [(2048, 768)], "gelu": [(1024, 3072)]}
+
+
+# ------------------------------------------------------------------------------------------------ backends
+
+def _sdpa_with(backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, backend_name)
+
+    def attention(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attention
+
+
+def _triton(name):
+    import kernels
+    return getattr(kernels, name)
+
+
+_COMPILED = {}
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
+SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"] if ON_GPU else \
+    ["FLASH_ATTENTION", "MATH"]
+
+ATTENTION_BACKENDS = {
+    "naive": lambda: naive_attention,
+    **{f"sdpa-{b.split('_')[0].lower()}": (lambda b=b: _sdpa_with(b)) for b in SDPA_BACKENDS},
+    "triton": lambda: (lambda q, k, v: _triton("attention")(q, k, v, causal=True)),
+    "compile(naive)": lambda: _compiled(naive_attention),
+}
+LAYER_NORM_BACKENDS = {
+    "naive": lambda: naive_layer_norm,
+    "torch": lambda: (lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)),
+    "triton": lambda: _triton("layer_norm"),
+    "compile(naive)": lambda: _compiled(naive_layer_norm),
+}
+GELU_BACKENDS = {
+    "naive": lambda: naive_gelu,
+    "torch": lambda: (lambda x, b: F.gelu(x + b)),
+    "triton": lambda: _triton("gelu"),
+    "compile(naive)": lambda: _compiled(naive_gelu),
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def fwd_bwd(fn, inputs, grad_out):
+    """Run fn forward (and backward with grad_out if given): (output, *input grads)."""
+    if grad_out is None:
+        with torch.no_grad():
+            return (fn(*inputs),)
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad_out)
+    return (out.detach(), *grads)
+
+
+def case(benchmark, record, kind, backend, fn, make_inputs, reference, dtype, passes, figure, reductions=()):
+    """Gate fn against the reference, then time it (unless Triton is interpreted), then record the figures."""
+    inputs, grad_out = make_inputs(0)
+    outputs = fwd_bwd(fn, inputs, grad_out if passes == "fwd+bwd" else None)
+    expected = reference(inputs, grad_out if passes == "fwd+bwd" else None)
+    gate(f"{kind} {backend} {passes} {dtype}", outputs, expected, dtype, reductions)
+    del outputs, expected
+
+    timed = not (backend == "triton" and INTERPRETED_TRITON)
+    record(kind=kind, backend=backend, passes=passes, dtype=str(dtype).replace("torch.", ""), timed=timed)
+    if not timed:  # correct; but interpreter speed says nothing about the kernel
+        record_untimed(benchmark, "Triton interpreter on CPU: checked, not timed")
+        return
+    sets = [make_inputs(i) for i in range(rotation_count(tensor_bytes(*inputs)))]
+    if passes == "fwd":
+        seconds = measure(benchmark, torch.no_grad()(fn), [tuple(s) for s, _ in sets])
+    else:
+        def step(*xs_and_grad):
+            *xs, g = xs_and_grad
+            out = fn(*xs)
+            torch.autograd.grad(out, [t for t in xs if t.requires_grad], g)
+        seconds = measure(benchmark, step, [(*s, g) for s, g in sets])
+    if seconds is not None:
+        benchmark.extra_info.update(figure(seconds))
+
+
+def _fraction(value, key, benchmark):
+    roof = benchmark.extra_info.get(key)
+    return value / roof if roof else None
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+def _backend_or_skip(table, name, probe):
+    fn = table[name]()
+    try:
+        probe(fn)
+    except (RuntimeError, NotImplementedError) as e:  # e.g. an SDPA backend this device lacks
+        pytest.skip(f"{name} unavailable here: {str(e).splitlines()[0][:120]}")
+    return fn
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", list(ATTENTION_BACKENDS))
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention(benchmark, record, shape, backend, dtype, passes):
+    if backend == "triton" and INTERPRETED_TRITON and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter cannot run tl.dot on bfloat16 (triton issue #11584): checked on a GPU")
+    B, H, T, D = shape
+    if backend == "naive" and T * T * B * H * 4 > 8 * 2**30:
+        pytest.skip("naive attention would materialize more than 8 GiB of scores")
+    benchmark.group = f"attention {passes} {'x'.join(map(str, shape))} {str(dtype)[6:]}"
+
+    def make_inputs(seed):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        qkv = [torch.randn(shape, device=DEVICE, dtype=dtype, generator=g).requires_grad_() for _ in range(3)]
+        return qkv, torch.randn(shape, device=DEVICE, dtype=dtype, generator=g)
+
+    probe_inputs, _ = make_inputs(0)
+    fn = _backend_or_skip(ATTENTION_BACKENDS, backend, lambda f: f(*[t.detach() for t in probe_inputs]))
+
+    def reference(inputs, grad_out):
+        # fp32 math on the same (rounded) inputs, one batch at a time to bound memory
+        outs = []
+        for b in range(B):
+            xs = [t[b:b + 1].detach().float().requires_grad_() for t in inputs]
+            outs.append(fwd_bwd(lambda q, k, v: naive_attention(q, k, v), xs,
+                                None if grad_out is None else grad_out[b:b + 1].float()))
+        return [torch.cat(parts) for parts in zip(*outs)]
+
+    fwd_flops = 4 * B * H * T * T * D * 0.5  # causal: half the scores
+    flops = fwd_flops * (1 if passes == "fwd" else 3.5)
+
+    def figure(seconds):
+        tflops = flops / seconds / 1e12
+        return {"median_s": seconds, "tflops": tflops, "shape": list(shape), "flops": flops,
+                "roofline_fraction": _fraction(tflops * 1e12, "roofline_matmul_flops", benchmark)}
+
+    case(benchmark, record, "attention", backend, fn, make_inputs, reference, dtype, passes, figure)
+
+
+def _rowwise_case(benchmark, record, kind, table, shape, backend, dtype, passes):
+    M, N = shape
+    benchmark.group = f"{kind} {passes} {M}x{N} {str(dtype)[6:]}"
+
+    def make_inputs(seed):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        x = torch.randn(shape, device=DEVICE, dtype=dtype, generator=g).requires_grad_()
+        params = [torch.randn(N, device=DEVICE, dtype=dtype, generator=g).requires_grad_()
+                  for _ in range(2 if kind == "layer_norm" else 1)]
+        return [x, *params], torch.randn(shape, device=DEVICE, dtype=dtype, generator=g)
+
+    fn = table[backend]()
+    naive = naive_layer_norm if kind == "layer_norm" else naive_gelu
+
+    def reference(inputs, grad_out):
+        xs = [t.detach().double().requires_grad_() for t in inputs]
+        return fwd_bwd(naive, xs, None if grad_out is None else grad_out.double())
+
+    elt = torch.empty((), dtype=dtype).element_size()
+    moved = M * N * elt * (2 if passes == "fwd" else 5)
+
+    def figure(seconds):
+        gbps = moved / seconds / 1e9
+        return {"median_s": seconds, "gbps": gbps, "shape": list(shape), "bytes": moved,
+                "roofline_fraction": _fraction(gbps * 1e9, "roofline_copy_bytes_per_s", benchmark)}
+
+    # outputs: y, dx, then the parameter gradients (sums over all M rows)
+    case(benchmark, record, kind, backend, fn, make_inputs, reference, dtype, passes, figure, reductions=(2, 3))
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", list(LAYER_NORM_BACKENDS))
+@pytest.mark.parametrize("shape", ROW_SHAPES["layer_norm"], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm(benchmark, record, shape, backend, dtype, passes):
+    _rowwise_case(benchmark, record, "layer_norm", LAYER_NORM_BACKENDS, shape, backend, dtype, passes)
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", list(GELU_BACKENDS))
+@pytest.mark.parametrize("shape", ROW_SHAPES["gelu"], ids=lambda s: "x".join(map(str, s)))
+def test_gelu(benchmark, record, shape, backend, dtype, passes):
+    _rowwise_case(benchmark, record, "gelu", GELU_BACKENDS, shape, backend, dtype, passes)

@@ -1,0 +1,65 @@
+"""The timed JSON carries every derived figure; the report renders it; `python -m bench` runs one config."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    r = subprocess.run([sys.executable, "-m", "pytest", "bench/test_kernels.py", "-q", "-p", "no:cacheprovider",
+                        "-k", "gelu and float32", "--benchmark", f"--benchmark-json={out}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def test_json_has_the_derived_figures(results):
+    data = json.loads(results.read_text())
+    timed = data["benchmarks"]
+    assert timed and "--benchmark" in data["command"]
+    for row in timed:
+        info = row["extra_info"]
+        for key in ("device", "torch", "triton", "dtype", "shape", "backend", "passes", "median_s", "gbps",
+                    "roofline_fraction", "roofline_matmul_flops", "roofline_copy_bytes_per_s", "date"):
+            assert info.get(key) is not None, (row["name"], key)
+        assert info["gbps"] > 0 and 0 < info["roofline_fraction"] < 10
+    triton_rows = [r for r in timed if r["extra_info"]["backend"] == "triton"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert not triton_rows  # interpreted: never timed...
+        assert {r["extra_info"]["backend"] for r in data["untimed"]} == {"triton"}  # ...but listed, checked
+
+
+def test_report_renders_a_table_and_a_chart(results, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.report", str(results), "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "results.md").read_text()
+    assert "## gelu fwd" in md and "| backend | median (ms) | GB/s | fraction of roofline |" in md
+    assert "| torch |" in md and "measured roofline" in md
+    png = (tmp_path / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_report_errors():
+    r = subprocess.run([sys.executable, "-m", "bench.report", "/no/such.json"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "error: /no/such.json does not exist" in r.stderr
+
+
+def test_one_shot_bench_command(tmp_path):
+    trace = tmp_path / "trace.json"
+    r = subprocess.run([sys.executable, "-m", "bench", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32",
+                        "--block_size=16", "--batch_size=2", "--vocab_size=64", "--warmup_steps=1", "--num_steps=2",
+                        "--profile=True", f"--profile_file={trace}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "time per iteration:" in r.stdout and "tokens/s" in r.stdout and "MFU: n/a" in r.stdout
+    assert json.loads(trace.read_text())["traceEvents"]
+    r = subprocess.run([sys.executable, "-m", "bench", "--n_lyer=1"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown config key 'n_lyer' (did you mean 'n_layer'?)" in r.stderr
