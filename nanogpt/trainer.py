@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanogpt.checkpoint import (CheckpointError, check_model_args, load_checkpoint, model_from_checkpoint,
                                 rng_state, save_checkpoint, set_rng_state)
-from nanogpt.config import TrainConfig, resolve_device, resolve_dtype, validate_train
+from nanogpt.config import ConfigError, TrainConfig, resolve_device, resolve_dtype, validate_train
 from nanogpt.data import BatchLoader, data_root, load_meta
 from nanogpt.model import GPT, GPTConfig
 
@@ -177,6 +177,10 @@ class Trainer:
         else:
             self.log(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
             self.model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout, attn=cfg.attn))
+            if cfg.block_size > self.model.config.block_size:
+                raise ConfigError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s "
+                                  f"{self.model.config.block_size} positions: use --block_size="
+                                  f"{self.model.config.block_size} or less")
             if cfg.block_size < self.model.config.block_size:
                 self.model.crop_block_size(cfg.block_size)
         return ckpt
@@ -252,6 +256,10 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    @staticmethod
+    def _mfu_field(running_mfu):
+        return {"mfu": running_mfu * 100} if running_mfu >= 0 else {}  # unknown peak: no number at all
+
     def _init_wandb(self):
         if self.cfg.wandb_log and self.master:
             import wandb  # validate_train has checked that it is installed
@@ -292,7 +300,7 @@ class Trainer:
                 self._check_finite(losses["val"], "the validation loss", self.iter_num)
                 if self.wandb is not None:
                     self.wandb.log({"iter": self.iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
-                                    "lr": lr, "mfu": max(running_mfu, 0) * 100})
+                                    "lr": lr, **self._mfu_field(running_mfu)})
                 improved = losses["val"] < self.best_val_loss
                 if improved:
                     self.best_val_loss = losses["val"]
@@ -348,8 +356,7 @@ class Trainer:
                              f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_text}")
                     if self.wandb is not None:
                         self.wandb.log({"iter": self.iter_num - 1, "train/loss_step": lossf, "lr": lr,
-                                        "tokens_per_sec": self.tokens_per_iter / dt,
-                                        "mfu": max(running_mfu, 0) * 100})
+                                        "tokens_per_sec": self.tokens_per_iter / dt, **self._mfu_field(running_mfu)})
 
             if self._sync_flag(stop.signum is not None):
                 if self.master:

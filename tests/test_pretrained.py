@@ -80,6 +80,10 @@ def test_finetune_and_sample_from_a_local_folder(hf_folder, data_dir, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "initializing from OpenAI GPT-2 weights" in r.stdout
+    r = subprocess.run([sys.executable, "train.py", f"--init_from={folder}", "--dataset=shakespeare", "--device=cpu",
+                        "--block_size=128", f"--out_dir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 1 and "block_size=128 is larger than" in r.stderr and "64 positions" in r.stderr
     for args in ([f"--out_dir={out}"], [f"--init_from={folder}"]):
         r = subprocess.run([sys.executable, "sample.py", *args, "--device=cpu", "--num_samples=1",
                             "--max_new_tokens=5", "--start=Hello"], cwd=ROOT, capture_output=True, text=True, env=env)

@@ -124,7 +124,8 @@ def test_missing_dataset_error_names_the_command(data_dir, tmp_path):
     assert "error:" in r.stderr and "prepare the dataset first (python -m nanogpt.data openwebtext)" in r.stderr
 
 
-def test_sigterm_saves_and_exits_cleanly(char_dataset, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_and_exits_cleanly(char_dataset, tmp_path, sig):
     out = tmp_path / "o"
     args = [sys.executable, "-u", "train.py", "--dataset=tiny_char", "--device=cpu", "--n_layer=2", "--n_head=2",
             "--n_embd=32", "--block_size=16", "--batch_size=8", "--gradient_accumulation_steps=1",
@@ -135,11 +136,27 @@ def test_sigterm_saves_and_exits_cleanly(char_dataset, tmp_path):
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("iter 20:"):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, "".join(lines) + rest
-    assert "received SIGTERM: stopped after iteration" in rest
+    assert f"received {sig.name}: stopped after iteration" in rest
     assert f"Resume with: python train.py ... --out_dir={out} --init_from=resume" in rest
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] >= 21
+
+
+def test_wandb_offline_logging(char_dataset, tmp_path):
+    pytest.importorskip("wandb")
+    r = subprocess.run([sys.executable, "train.py", "--dataset=tiny_char", "--device=cpu", "--n_layer=1", "--n_head=2",
+                        "--n_embd=32", "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=1",
+                        "--max_iters=6", "--eval_interval=5", "--eval_iters=1", "--wandb_log=True",
+                        f"--out_dir={tmp_path / 'o'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "NANOGPT_DATA": str(char_dataset.parent), "WANDB_MODE": "offline",
+                            "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "false"})
+    assert r.returncode == 0, r.stderr
+    runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    summary = r.stdout + r.stderr
+    for key in ("iter", "lr", "tokens_per_sec", "train/loss", "val/loss", "train/loss_step"):
+        assert f" {key} " in summary, key
