@@ -67,7 +67,7 @@ def _fwd_tile_loop(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
 def _attn_fwd(Q, K, V, O, LSE, seed, sm_scale, dropout_p,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
@@ -156,7 +156,7 @@ def _dkdv_tile_loop(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, offs
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, seed, sm_scale, dropout_p,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -228,7 +228,7 @@ def _dq_tile_loop(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, off
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, sm_scale, dropout_p,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -270,7 +270,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, sm_scale, dropout_p,
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
 def _dropout_mask_kernel(Out, seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -48,8 +48,10 @@ def test_layer_norm_matches_reference(rows, N, bias, dtype, shift, seed):
     assert relative_error(y, y_ref) <= tol
     dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
     inputs = [x, w] + ([b] if bias else [])
+    # relative to max(||reference||, ||dy||): for N <= 2 the exact dx is ~0 (xhat is +-1 whatever x is),
+    # and only its rounding is left to compare
     for g_, g_ref in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy.double())):
-        assert relative_error(g_, g_ref, scale=dy if N == 1 else None) <= tol * 4
+        assert relative_error(g_, g_ref, scale=dy) <= tol * 4
 
 
 @settings(FUZZ, max_examples=80)
