@@ -229,7 +229,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         return "float32"
     if dtype == "float16" and kind == "cpu":
-        raise ConfigError("dtype=float16 is not supported on the CPU (no GradScaler there): "
+        raise ConfigError("dtype=float16 is not supported on the CPU: "
                           "use --dtype=float32 or --dtype=bfloat16")
     if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"dtype=bfloat16 is not supported by {torch.cuda.get_device_name()}: "

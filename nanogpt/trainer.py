@@ -73,6 +73,8 @@ class Trainer:
         self._setup_distributed()
         validate_train(cfg, self.world_size)
         self.master = self.rank == 0
+        if not self.master:
+            self.log = lambda *args: None  # only rank 0 speaks
         self.out_dir = Path(cfg.out_dir)
         self.grad_accum = cfg.gradient_accumulation_steps // self.world_size
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
