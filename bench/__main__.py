@@ -9,35 +9,41 @@ Prints ms/iter, tokens/s and MFU (nanoGPT's estimate_mfu convention; n/a where t
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from nanogpt.config import _opt, cli_config, ConfigError, resolve_device, resolve_dtype, check_compile
+from nanogpt.config import ConfigError, TrainConfig, _opt, check_compile, cli_config, resolve_device, resolve_dtype
+
+
+def _as_in_train(name):
+    """The same default and help as train.py's key of that name."""
+    f = TrainConfig.__dataclass_fields__[name]
+    return field(default=f.default, metadata=f.metadata)
 
 
 @dataclass
 class BenchConfig:
-    batch_size: int = _opt(12, "sequences per step")
-    block_size: int = _opt(1024, "context length")
-    n_layer: int = _opt(12, "transformer blocks")
-    n_head: int = _opt(12, "attention heads")
-    n_embd: int = _opt(768, "embedding width")
-    vocab_size: int = _opt(50304, "vocabulary (random data) ")
-    dropout: float = _opt(0.0, "dropout")
-    bias: bool = _opt(False, "bias in Linear and LayerNorm layers")
-    attn: str = _opt("sdpa", "kernel backend: naive | sdpa | triton")
+    batch_size: int = _as_in_train("batch_size")
+    block_size: int = _as_in_train("block_size")
+    n_layer: int = _as_in_train("n_layer")
+    n_head: int = _as_in_train("n_head")
+    n_embd: int = _as_in_train("n_embd")
+    vocab_size: int = _opt(50304, "vocabulary (of the random tokens)")
+    dropout: float = _as_in_train("dropout")
+    bias: bool = _as_in_train("bias")
+    attn: str = _as_in_train("attn")
     real_data: bool = _opt(False, "read batches from data/<dataset> instead of random tokens")
-    dataset: str = _opt("openwebtext", "dataset folder for real_data=True")
-    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16")
+    dataset: str = _as_in_train("dataset")
+    device: str = _as_in_train("device")
+    dtype: str = _as_in_train("dtype")
     compile: bool = _opt(False, "torch.compile the model (compile time is not timed)")
-    seed: int = _opt(1337, "random seed")
+    seed: int = _as_in_train("seed")
     warmup_steps: int = _opt(10, "untimed steps first (compile, autotuning, allocator warm-up)")
     num_steps: int = _opt(20, "timed steps")
     profile: bool = _opt(False, "write a torch.profiler chrome trace of a few steps")
     profile_file: str = _opt("bench_trace.json", "where the trace goes")
-    peak_flops: float = _opt(0.0, "device peak FLOP/s for MFU; 0 takes it from the table of known GPUs")
+    peak_flops: float = _as_in_train("peak_flops")
 
 
 def validate(cfg):

@@ -51,7 +51,7 @@ def label(row):
 
 def markdown(rows, data):
     env = next((r for r in rows if "device" in r), {})
-    lines = [f"# Benchmark results", "",
+    lines = ["# Benchmark results", "",
              f"- device: {env.get('device', '?')}; torch {env.get('torch', '?')}, triton {env.get('triton', '?')}",
              f"- date: {env.get('date', data.get('datetime', '?'))}",
              f"- command: `{data.get('command', 'pytest bench/ --benchmark')}`"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench.common import DEVICE, ON_GPU, measure, sync
+from bench.common import DEVICE, ON_GPU, measure
 from nanogpt.generate import generate
 from nanogpt.model import GPT, GPTConfig
 

@@ -310,7 +310,7 @@ def _block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
-def _draw_seed(dropout_p, device):
+def _draw_seed(dropout_p):
     if dropout_p == 0.0:
         return 0
     return int(torch.randint(0, 2**31 - 1, (1,)).item())  # torch's default CPU generator
@@ -327,7 +327,7 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     Tk = k.shape[2]
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    seed = _draw_seed(dropout_p, q.device)
+    seed = _draw_seed(dropout_p)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd_tuned[grid](q, k, v, o, lse, seed, scale, dropout_p,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],

@@ -145,9 +145,10 @@ def run_sample(cfg, out=print):
     else:
         model = GPT.from_pretrained(cfg.init_from, dict(dropout=0.0, **({"attn": cfg.attn} if cfg.attn else {})))
     model.eval().to(device)
+    raw_model = model
     if cfg.compile:
         model = torch.compile(model)
-    vocab_size = model.config.vocab_size
+    vocab_size = raw_model.config.vocab_size
     top_k = cfg.top_k
     if top_k > vocab_size and top_k == SampleConfig.top_k:
         top_k = vocab_size  # the default (200) on a small character vocabulary means "no cut"
@@ -161,13 +162,12 @@ def run_sample(cfg, out=print):
     start_ids = encode(start)
     if not start_ids:
         raise ConfigError("the prompt encodes to no tokens: give a non-empty prompt")
-    block_size = model.config.block_size if not cfg.compile else model._orig_mod.config.block_size
+    block_size = raw_model.config.block_size
     if len(start_ids) > block_size:
         raise ConfigError(f"the prompt is {len(start_ids)} tokens, longer than the model's context of "
                           f"{block_size}: shorten it")
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].repeat(cfg.num_samples, 1)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    raw_model = getattr(model, "_orig_mod", model)
     with torch.no_grad(), autocast:
         if device_type == "cuda":
             torch.cuda.synchronize()

@@ -1,5 +1,3 @@
-import hashlib
-import os
 import pickle
 
 import numpy as np

@@ -1,6 +1,5 @@
 """Property-based tests: random shapes, causal or not, float32/float16, random scale — the kernels always match
 the float64 reference. Derandomized, with a bounded example budget, so CI is repeatable and fast."""
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
