@@ -2,8 +2,8 @@
 
     y = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps),   var the biased variance
 
-Forward: each program holds whole rows in registers (one row when they are wide, a tile of rows when narrow), computes mean then the variance of
-(x - mean) in fp32 (two passes over registers: no E[x^2] - E[x]^2 cancellation for rows with a large mean),
+Forward: each program holds whole rows in registers (one row when they are wide, a tile of rows when
+narrow), computes mean then the variance of (x - mean) in fp32 (two passes over registers: no E[x^2] - E[x]^2 cancellation for rows with a large mean),
 writes y and saves mean and rstd for backward.
 
 Backward, with xhat = (x - mean) * rstd and wdy = w * dy:
@@ -129,9 +129,10 @@ def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if M > 0:
         block_n = _block_n(N, x.element_size())
         block_m = _rows_per_program(block_n)
-        _layer_norm_fwd[(triton.cdiv(M, block_m),)](x2, y, weight, bias if bias is not None else weight, mean, rstd,
-                                                    x2.stride(0), y.stride(0), M, N, eps, HAS_BIAS=bias is not None,
-                                                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_n))
+        grid = (triton.cdiv(M, block_m),)
+        _layer_norm_fwd[grid](x2, y, weight, bias if bias is not None else weight, mean, rstd,
+                              x2.stride(0), y.stride(0), M, N, eps, HAS_BIAS=bias is not None,
+                              BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_n))
     return y.view(x.shape), mean, rstd
 
 

@@ -233,11 +233,14 @@ class Trainer:
             "sampler": self.loader.get_state(),
         }
 
-    def save(self, name="ckpt.pt"):
-        path = self.out_dir / name
-        self.log(f"saving checkpoint to {path}")
-        save_checkpoint(self.checkpoint_state(), path)
-        return path
+    def save(self, *names):
+        """Write the current state once gathered to each of names (default ckpt.pt); return the first path."""
+        state = self.checkpoint_state()
+        paths = [self.out_dir / name for name in (names or ("ckpt.pt",))]
+        for path in paths:
+            self.log(f"saving checkpoint to {path}")
+            save_checkpoint(state, path)
+        return paths[0]
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -307,12 +310,10 @@ class Trainer:
                 if improved:
                     self.best_val_loss = losses["val"]
                 if self.iter_num > 0 and not cfg.eval_only:
-                    if cfg.always_save_checkpoint:
-                        self.save("ckpt.pt")
-                    else:  # the latest state to resume from, and the best model apart
-                        self.save("ckpt.pt")
-                        if improved:
-                            self.save("best.pt")
+                    # ckpt.pt: the latest state to resume from; best.pt: the best model, kept apart when
+                    # always_save_checkpoint=False
+                    best_too = improved and not cfg.always_save_checkpoint
+                    self.save("ckpt.pt", *(["best.pt"] if best_too else []))
                     saved_at = self.iter_num
             if cfg.eval_only:
                 break
