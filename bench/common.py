@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 
 import torch
 
+from kernels.testing import REDUCTION_FACTOR, relative_error, tolerance
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 INTERPRETED_TRITON = not ON_GPU  # on the CPU Triton runs in its interpreter: correct, but says nothing of speed
@@ -39,21 +41,14 @@ def low_precision_dtype():
     return torch.bfloat16
 
 
-# tolerances on the relative L2 error against the reference (computed in fp32 or fp64)
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
-
-
-def relative_error(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def gate(name, outputs, references, dtype, reductions=()):
     """Fail (WrongResult) unless every output matches its reference within the dtype's tolerance. Outputs whose
-    index is in `reductions` (parameter gradients summed over thousands of rows) get twice the tolerance:
+    index is in `reductions` (parameter gradients summed over thousands of rows) get REDUCTION_FACTOR times the tolerance:
     PyTorch's own low-precision kernels accumulate rounding there too."""
     for i, (out, ref) in enumerate(zip(outputs, references)):
-        tol = TOLERANCE[dtype] * (2 if i in reductions else 1)
+        tol = tolerance(dtype, "matmul") * (REDUCTION_FACTOR if i in reductions else 1)
         if out.shape != ref.shape:
             raise WrongResult(f"{name}: output {i} has shape {tuple(out.shape)}, reference {tuple(ref.shape)}")
         if not torch.isfinite(out).all():

@@ -14,20 +14,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from kernels.testing import relative_error  # noqa: E402,F401  (tests import it from here)
+
 # kernels run on the GPU where there is one, else on the CPU through Triton's interpreter
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-def relative_error(actual, expected, scale=None):
-    """||actual - expected||_2 / max(||expected||_2, ||scale||_2): the Frobenius norm of the error relative to
-    the reference's (or, where the reference is ~0, to a natural scale such as the upstream gradient)."""
-    actual, expected = actual.double(), expected.double()
-    denom = expected.norm()
-    if scale is not None:
-        denom = torch.maximum(denom, scale.double().norm())
-    return ((actual - expected).norm() / denom.clamp_min(1e-30)).item()
 
 
 @pytest.fixture

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE, relative_error
+from conftest import DEVICE
+from kernels.testing import TOLERANCE as TOLERANCES, relative_error
 from kernels import attention
 from kernels.attention import dropout_mask, last_seed_of
 
 SHAPES = [(1, 1, 1, 16), (2, 3, 7, 32), (1, 2, 100, 48), (2, 2, 128, 64), (1, 1, 257, 80), (1, 2, 64, 128),
           (1, 1, 33, 96)]
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+TOLERANCE = TOLERANCES["matmul"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 

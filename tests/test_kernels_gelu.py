@@ -3,10 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, relative_error
+from conftest import DEVICE
+from kernels.testing import REDUCTION_FACTOR, TOLERANCE as TOLERANCES, relative_error
 from kernels import gelu
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TOLERANCE = TOLERANCES["pointwise"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -33,7 +34,7 @@ def test_forward_and_gradients(shape, approximate, bias, dtype):
     dy = torch.randn_like(y)
     inputs = [x] + ([b] if bias else [])
     for g, g_ref in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy.double())):
-        assert relative_error(g, g_ref) <= tol * 4
+        assert relative_error(g, g_ref) <= tol * REDUCTION_FACTOR
 
 
 def test_non_contiguous_input():
