@@ -11,13 +11,22 @@ the tail tile past T) are masked.
 Backward (P is recomputed from the saved logsumexp, never stored):
     delta = rowsum(dO * O)                                 (preprocess kernel)
     dV = (P Z)^T dO,   dP = (dO V^T) Z,   dS = P (dP - delta),   dK = dS^T Q scale,   dQ = dS K scale
-with Z the dropout mask scaled by 1/(1-p). dK/dV accumulate in one program per key block over the query
-blocks that see it; dQ in one program per query block over its key blocks: two passes, no atomics,
-deterministic.
+with Z the dropout mask scaled by 1/(1-p). One launch: program n accumulates dK/dV of key block n over the
+query blocks that see it, then dQ of query block n over the key blocks it sees. Under a causal mask the two
+halves balance (key block n is seen by T - n*BLOCK queries, query block n sees n*BLOCK keys), no atomics,
+deterministic. The dK/dV half works on the transposed scores S^T = K Q^T and dP^T = V dO^T, so P^T and dS^T
+are already the left operands of dV = P^T dO and dK = dS^T Q: no transpose of P or dS per tile, and every
+dot has the owned block (>= 64 rows) as its M dimension, which Hopper's warpgroup MMA (wgmma) needs.
 
-Dropout: the keep decision of element (b*h, i, j) is Philox(seed, (bh*Tq + i)*Tk + j) < 1-p, recomputed
-identically in every pass, so the mask is never stored. The seed is drawn from torch's default generator:
-torch.manual_seed makes a run reproducible.
+Loads and stores: on Hopper (sm_90+) the Q/K/V/O/dO/dQ/dK/dV tiles move through TMA tensor descriptors made
+on the device (`tl.make_tensor_descriptor`; the hardware clips and zero-fills the tails); elsewhere (sm_80,
+the interpreter, or a tensor TMA cannot address) through masked pointer loads. The launch picks the path.
+
+Dropout: element (b*h, i, j) of the mask comes from Philox at counter (bh*Tq + i)*ceil(Tk/4) + j//4, output
+j%4 (each call yields four draws), recomputed identically in every pass, so the mask is never stored. The seed
+is a CUDA (or CPU) int64 tensor drawn from torch's generator on the inputs' device and read by the kernels:
+torch.manual_seed makes a run reproducible, a CUDA-graph replay draws a fresh seed, and activation
+checkpointing (which restores the RNG state) recomputes the same mask.
 """
 import math
 
@@ -31,96 +40,153 @@ HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
 # fp32 inputs are multiplied in full fp32 ("ieee"), not TF32, so float32 matches the reference to 1e-4;
 # fp16/bf16 inputs are unaffected by this setting
 PRECISION: tl.constexpr = tl.constexpr("ieee")
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+
+
+# ------------------------------------------------------------------------------------------------
+# tiles: one (rows, BLOCK_D) tile of a (T, D) matrix, through a TMA descriptor or masked pointers
 
 
 @triton.jit
-def _keep(seed, bh, offs_m, offs_n, Tq, Tk, dropout_p):
-    """The dropout keep-mask of a (BLOCK_M, BLOCK_N) tile: one Philox draw per attention element."""
-    elem = (bh * Tq + offs_m[:, None].to(tl.int64)) * Tk + offs_n[None, :]
-    return tl.rand(seed, elem) >= dropout_p
+def _source(base, T, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+            USE_TMA: tl.constexpr):
+    """What _load/_store read: a tensor descriptor of the (T, HEAD_DIM) matrix at base, or base itself."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                         block_shape=[BLOCK_R, BLOCK_D])
+    else:
+        return base
 
 
 @triton.jit
-def _fwd_tile_loop(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, Tq, Tk, D, qk_scale,
+def _load(src, row0, T, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+          USE_TMA: tl.constexpr):
+    """Rows row0 .. row0+BLOCK_R of the matrix, zeros past T and past HEAD_DIM."""
+    if USE_TMA:
+        return src.load([row0, 0])
+    else:
+        rows = row0 + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        # HEAD_DIM is a constexpr: when it equals BLOCK_D the column test folds away
+        mask = (rows[:, None] < T) & (cols[None, :] < HEAD_DIM)
+        return tl.load(src + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(src, row0, value, T, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+           BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    if USE_TMA:
+        src.store([row0, 0], value)
+    else:
+        rows = row0 + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        mask = (rows[:, None] < T) & (cols[None, :] < HEAD_DIM)
+        tl.store(src + rows[:, None] * stride_t + cols[None, :], value, mask=mask)
+
+
+@triton.jit
+def _keep(seed, bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout keep-mask of the (BLOCK_M queries, BLOCK_N keys) tile at (start_m, start_n): one Philox
+    call per four keys of a row, all four of its outputs used."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    counter = (bh * Tq + offs_m[:, None].to(tl.int64)) * ((Tk + 3) // 4) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    # interleave so that key 4g + c takes output c of call g: join stacks on a new last axis
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+    return tl.random.uint_to_uniform_float(r) >= dropout_p
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m, lo, hi, Tq, Tk, qk_scale,
                    seed, bh, dropout_p, dropout_scale,
-                   CAUSAL_MASK: tl.constexpr, TAIL_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # scores in log2 units
-        if CAUSAL_MASK:
-            qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
-        if TAIL_MASK:
-            qk = tl.where(offs_n[None, :] < Tk, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        k = _load(k_src, start_n, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if MASK:  # the diagonal tile (causal) or the tile holding Tk: keys past either are -inf
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            allowed = offs_n[None, :] < Tk
+            if CAUSAL:
+                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            qk = tl.where(allowed, qk, float("-inf"))
+        # the scale (> 0) and log2(e) fold into one FMA per score: p = exp2(qk * qk_scale - m)
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the normalizer counts every element, dropped or not
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_keep(seed, bh, offs_m, offs_n, Tq, Tk, dropout_p), p * dropout_scale, 0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            keep = _keep(seed, bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        v = _load(v_src, start_n, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
-def _attn_fwd(Q, K, V, O, LSE, seed, sm_scale, dropout_p,
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, Seed, sm_scale, dropout_p,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              H, Tq, Tk, D,
-              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              H, Tq, Tk, T_BUCKET,
+              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # T_BUCKET (the next power of two of the longest sequence) is only the autotuner's key
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    O += b * stride_ob + h * stride_oh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    q_src = _source(Q + b * stride_qb + h * stride_qh, Tq, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    k_src = _source(K + b * stride_kb + h * stride_kh, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_src = _source(V + b * stride_vb + h * stride_vh, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    o_src = _source(O + b * stride_ob + h * stride_oh, Tq, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    q = _load(q_src, start_m, Tq, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    seed = tl.load(Seed)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    qk_scale = sm_scale * LOG2E
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    if CAUSAL:
-        # keys below the query block: no mask. The diagonal block: causal mask (and the tail past Tk).
-        acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
-                                       0, start_m, Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                       False, False, DROPOUT, BLOCK_N)
-        acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
-                                       start_m, tl.minimum(start_m + BLOCK_M, Tk), Tq, Tk, D, qk_scale,
-                                       seed, bh, dropout_p, dropout_scale, True, True, DROPOUT, BLOCK_N)
-    else:
-        full = (Tk // BLOCK_N) * BLOCK_N
-        acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
-                                       0, full, Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                       False, False, DROPOUT, BLOCK_N)
-        acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_d,
-                                       full, Tk, Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                       False, True, DROPOUT, BLOCK_N)
+    if CAUSAL:  # (Tq == Tk) keys below the query block: no mask; the diagonal block: masked
+        unmasked_end = start_m
+        masked_end = tl.minimum(start_m + BLOCK_M, Tk)
+    else:  # every full key block unmasked, the tail block masked
+        unmasked_end = (Tk // BLOCK_N) * BLOCK_N
+        masked_end = Tk
+    acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m,
+                                   0, unmasked_end, Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale,
+                                   False, CAUSAL, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m,
+                                   unmasked_end, masked_end, Tq, Tk, qk_scale, seed, bh, dropout_p,
+                                   dropout_scale, True, CAUSAL, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                   BLOCK_D)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past Tq saw nothing: keep them finite
     acc = acc / l_i[:, None]
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     tl.store(LSE + bh * Tq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
-    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty), mask=q_mask)
+    _store(o_src, start_m, acc.to(O.dtype.element_ty), Tq, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
 
 
 @triton.jit
 def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                         H, Tq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                         H, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
@@ -129,42 +195,77 @@ def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_d
 
 
 @triton.jit
-def _dkdv_tile_loop(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, offs_n, offs_d, lo, hi,
-                    Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale,
-                    CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_dom, start_n, lo, hi,
+                    Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale,
+                    CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """dK/dV of the BLOCK_N keys at start_n over query tiles lo..hi, in the transposed orientation.
+
+    Queries past Tq need no mask: their q/dO rows load as zeros, so they add nothing to dK/dV."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+        q = _load(q_src, start_m, Tq, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+        do = _load(do_src, start_m, Tq, stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
         lse = tl.load(LSE + offs_m, mask=offs_m < Tq, other=0.0)
         delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # S^T: (keys, queries)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if CAUSAL_MASK:
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
-            keep = _keep(seed, bh, offs_m, offs_n, Tq, Tk, dropout_p)
-            pd = tl.where(keep, p * dropout_scale, 0.0)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
+            keep_t = tl.trans(_keep(seed, bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M, BLOCK_N))
+            pd_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
         else:
-            pd = p
-        dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+            pd_t = p_t
+        dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, seed, sm_scale, dropout_p,
-                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                   H, Tq, Tk, D,
-                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
+@triton.jit
+def _dq_tile_loop(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, start_m, lo, hi, Tq, Tk,
+                  qk_scale, seed, bh, dropout_p, dropout_scale,
+                  CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """dQ of the BLOCK_M queries at start_m over key tiles lo..hi.
+
+    Keys past Tk need no mask: their k rows load as zeros, so dS K adds nothing from them."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    for start_n in range(lo, hi, BLOCK_N):
+        k = _load(k_src, start_n, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+        v = _load(v_src, start_n, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if CAUSAL_MASK:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _keep(seed, bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p,
+              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+              stride_dqb, stride_dqh, stride_dqm, stride_dkb, stride_dkh, stride_dkn,
+              stride_dvb, stride_dvh, stride_dvn,
+              H, Tq, Tk, T_BUCKET,
+              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_OWN: tl.constexpr, BLOCK_WALK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program n: dK/dV of keys n*BLOCK_OWN.. (walking query tiles of BLOCK_WALK), then dQ of queries
+    n*BLOCK_OWN.. (walking key tiles of BLOCK_WALK)."""
+    start = tl.program_id(0) * BLOCK_OWN
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     Q += b * stride_qb + h * stride_qh
@@ -173,147 +274,185 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta, seed, sm_scale, dropout_p,
     DO += b * stride_dob + h * stride_doh
     LSE += bh * Tq
     Delta += bh * Tq
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    # Queries past Tq and keys past Tk need no mask here: their rows of q/do (or k/v) load as zeros, so
-    # they add nothing to the key rows that are stored, and their own rows are never stored.
-    if CAUSAL:
-        # queries on the diagonal block see part of this key block (masked); queries below it see all of it
-        diag_end = tl.minimum(start_n + BLOCK_N, Tq)
-        dk, dv = _dkdv_tile_loop(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, offs_n, offs_d,
-                                 start_n, diag_end, Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                 True, DROPOUT, BLOCK_M)
-        dk, dv = _dkdv_tile_loop(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, offs_n, offs_d,
-                                 diag_end, Tq, Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                 False, DROPOUT, BLOCK_M)
-    else:
-        dk, dv = _dkdv_tile_loop(dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_dom, offs_n, offs_d,
-                                 0, Tq, Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                 False, DROPOUT, BLOCK_M)
-    dk *= sm_scale
-    DK += b * stride_dkb + h * stride_dkh
-    DV += b * stride_dvb + h * stride_dvh
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    seed = tl.load(Seed)
+
+    if start < Tk:  # dK/dV of the owned key block
+        k_own = _source(K, Tk, stride_kn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+        v_own = _source(V, Tk, stride_vn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+        q_walk = _source(Q, Tq, stride_qm, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
+        do_walk = _source(DO, Tq, stride_dom, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
+        k = _load(k_own, start, Tk, stride_kn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+        v = _load(v_own, start, Tk, stride_vn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+        dk = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
+        if CAUSAL:  # queries of the diagonal block see part of this key block, queries below it all of it
+            diag_end = tl.minimum(start + BLOCK_OWN, Tq)
+            dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, LSE, Delta, stride_qm, stride_dom, start,
+                                     start, diag_end, Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale,
+                                     True, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+            first_unmasked = diag_end
+        else:
+            first_unmasked = 0
+        dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, LSE, Delta, stride_qm, stride_dom, start,
+                                 first_unmasked, Tq, Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale,
+                                 False, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        dk_dst = _source(DK + b * stride_dkb + h * stride_dkh, Tk, stride_dkn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
+                         USE_TMA)
+        dv_dst = _source(DV + b * stride_dvb + h * stride_dvh, Tk, stride_dvn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
+                         USE_TMA)
+        _store(dk_dst, start, (dk * sm_scale).to(DK.dtype.element_ty), Tk, stride_dkn, HEAD_DIM, BLOCK_OWN,
+               BLOCK_D, USE_TMA)
+        _store(dv_dst, start, dv.to(DV.dtype.element_ty), Tk, stride_dvn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
+               USE_TMA)
+
+    if start < Tq:  # dQ of the owned query block
+        q_own = _source(Q, Tq, stride_qm, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+        do_own = _source(DO, Tq, stride_dom, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+        k_walk = _source(K, Tk, stride_kn, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
+        v_walk = _source(V, Tk, stride_vn, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
+        q = _load(q_own, start, Tq, stride_qm, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+        do = _load(do_own, start, Tq, stride_dom, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+        offs_m = start + tl.arange(0, BLOCK_OWN)
+        lse = tl.load(LSE + offs_m, mask=offs_m < Tq, other=0.0)
+        delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
+        dq = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
+        if CAUSAL:  # keys left of the query block: no mask; the diagonal block: masked
+            unmasked_end = start
+        else:
+            unmasked_end = Tk
+        dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, 0, unmasked_end,
+                           Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale, False, DROPOUT, USE_TMA,
+                           HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        if CAUSAL:
+            dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, start,
+                               tl.minimum(start + BLOCK_OWN, Tk), Tq, Tk, qk_scale, seed, bh, dropout_p,
+                               dropout_scale, True, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        dq_dst = _source(DQ + b * stride_dqb + h * stride_dqh, Tq, stride_dqm, HEAD_DIM, BLOCK_OWN, BLOCK_D,
+                         USE_TMA)
+        _store(dq_dst, start, (dq * sm_scale).to(DQ.dtype.element_ty), Tq, stride_dqm, HEAD_DIM, BLOCK_OWN,
+               BLOCK_D, USE_TMA)
 
 
 @triton.jit
-def _dq_tile_loop(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, Tq, Tk, D,
-                  qk_scale, seed, bh, dropout_p, dropout_scale,
-                  CAUSAL_MASK: tl.constexpr, TAIL_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])
-        if CAUSAL_MASK:
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-        if TAIL_MASK:
-            p = tl.where(offs_n[None, :] < Tk, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
-        if DROPOUT:
-            dp = tl.where(_keep(seed, bh, offs_m, offs_n, Tq, Tk, dropout_p), dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    return dq
-
-
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta, seed, sm_scale, dropout_p,
-                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                 stride_dqb, stride_dqh, stride_dqm,
-                 H, Tq, Tk, D,
-                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dropout_mask_kernel(Out, Seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-    delta = tl.load(Delta + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    dropout_scale = 1.0 / (1.0 - dropout_p)
-    if CAUSAL:
-        dq = _dq_tile_loop(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_d, 0, start_m,
-                           Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale, False, False, DROPOUT, BLOCK_N)
-        dq = _dq_tile_loop(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_d, start_m,
-                           tl.minimum(start_m + BLOCK_M, Tk), Tq, Tk, D, qk_scale, seed, bh, dropout_p,
-                           dropout_scale, True, True, DROPOUT, BLOCK_N)
-    else:
-        full = (Tk // BLOCK_N) * BLOCK_N
-        dq = _dq_tile_loop(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_d, 0, full,
-                           Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale, False, False, DROPOUT, BLOCK_N)
-        dq = _dq_tile_loop(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, offs_m, offs_d, full, Tk,
-                           Tq, Tk, D, qk_scale, seed, bh, dropout_p, dropout_scale, False, True, DROPOUT, BLOCK_N)
-    dq *= sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
-
-
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
-def _dropout_mask_kernel(Out, seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = tl.program_id(1) * BLOCK_N
     bh = tl.program_id(2).to(tl.int64)
-    keep = _keep(seed, bh, offs_m, offs_n, Tq, Tk, dropout_p)
+    keep = _keep(tl.load(Seed), bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M, BLOCK_N)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
     tl.store(Out + (bh * Tq + offs_m[:, None]) * Tk + offs_n[None, :], keep.to(tl.int8), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
-# launch configuration: a fixed block size under the interpreter (speed there is meaningless), a small
-# autotuned list on the GPU, keyed on what changes the best choice.
+# launch configuration. The GPU lists are what the autotuner chooses from; each entry names the BLOCK_Ds it is
+# shipped for (a config leaves a head dim's list when its compiled code spills or leaves the tensor cores there:
+# bench/results/NOTES.md). The interpreter runs one small config (speed there is meaningless).
 
-def _fwd_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                 (128, 32, 4, 4), (64, 32, 4, 4)]]
+ALL_BLOCK_DS = (16, 32, 64, 128)
+# forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds)
+_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS), (128, 64, 8, 3, ALL_BLOCK_DS), (128, 128, 8, 3, ALL_BLOCK_DS),
+        (64, 64, 4, 3, ALL_BLOCK_DS), (128, 32, 4, 4, ALL_BLOCK_DS), (64, 32, 4, 4, ALL_BLOCK_DS)]
+# backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds)
+_BWD = [(64, 32, 4, 2, ALL_BLOCK_DS), (64, 64, 4, 2, ALL_BLOCK_DS), (128, 32, 8, 2, ALL_BLOCK_DS),
+        (128, 64, 8, 2, ALL_BLOCK_DS)]
+FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds) for m, n, w, s, ds in _FWD]
+BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_ds=ds)
+               for o, k, w, s, ds in _BWD]
+INTERPRETER_FWD_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
+INTERPRETER_BWD_CONFIG = dict(BLOCK_OWN=32, BLOCK_WALK=16, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
+PREPROCESS_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # delta = rowsum(dO * O): no dot
+BLOCK_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "bwd": ("BLOCK_OWN", "BLOCK_WALK")}
 
 
-def _bwd_configs(small, big):
-    # dK/dV programs own BLOCK_N keys and walk BLOCK_M queries (small x big); dQ the transpose
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({small: s_, big: b_}, num_warps=w, num_stages=st)
-            for s_, b_, w, st in [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]]
+def _check_block_shapes():
+    """The causal diagonal starts at a multiple of the owned block and is walked in steps of the other one, and
+    a dropout tile draws four keys per Philox call: the owned block must be a multiple of the step, both of 16."""
+    for kind, configs in (("fwd", FWD_CONFIGS + [INTERPRETER_FWD_CONFIG]),
+                          ("bwd", BWD_CONFIGS + [INTERPRETER_BWD_CONFIG])):
+        own, walk = BLOCK_KEYS[kind]
+        for c in configs:
+            if c[own] % c[walk] or c[walk] % 16 or set(c["block_ds"]) - set(ALL_BLOCK_DS):
+                raise ValueError(f"attention: {kind} config {c} breaks the kernel's block-shape invariant")
 
 
-_AUTOTUNE_KEY = ["Tq", "Tk", "BLOCK_D", "CAUSAL", "DROPOUT"]  # dtype is part of Triton's own cache key
-_attn_fwd_tuned = triton.autotune(_fwd_configs(), key=_AUTOTUNE_KEY)(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_bwd_configs("BLOCK_M", "BLOCK_N"), key=_AUTOTUNE_KEY)(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_bwd_configs("BLOCK_N", "BLOCK_M"), key=_AUTOTUNE_KEY)(_attn_bwd_dq)
+_check_block_shapes()
 
 
 def _block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
-def _draw_seed(dropout_p):
+def configs_for(configs, block_d):
+    """The entries of a config list shipped for this BLOCK_D (what the autotuner may choose on a GPU)."""
+    return [c for c in configs if block_d in c["block_ds"]]
+
+
+def _autotuned(fn, kind, configs, interpreter_config):
+    """fn autotuned over `configs`, pruned per BLOCK_D at launch; the interpreter gets its one config."""
+    keys = BLOCK_KEYS[kind]
+
+    def triton_config(c):
+        return triton.Config({k: c[k] for k in keys}, num_warps=c["num_warps"], num_stages=c["num_stages"])
+
+    def ident(c):
+        return tuple(c[k] for k in keys) + (c["num_warps"], c["num_stages"])
+
+    shipped = {ident(c): c["block_ds"] for c in configs}
+
+    def prune(triton_configs, named_args, **kwargs):
+        if interpreting():
+            return [triton_config(interpreter_config)]
+        block_d = {**named_args, **kwargs}["BLOCK_D"]
+        kept = [t for t in triton_configs
+                if block_d in shipped[tuple(t.kwargs[k] for k in keys) + (t.num_warps, t.num_stages)]]
+        if not kept:
+            raise ValueError(f"attention: no launch config is shipped for BLOCK_D={block_d}")
+        return kept
+
+    # T_BUCKET: the sequence length rounded up to a power of two, so a KV-cache prefill of every prompt length
+    # does not re-tune; dtype is part of Triton's own key
+    return triton.autotune([triton_config(c) for c in configs], key=_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": prune})(fn)
+
+
+_AUTOTUNE_KEY = ["T_BUCKET", "BLOCK_D", "CAUSAL", "DROPOUT", "USE_TMA"]
+_attn_fwd_tuned = _autotuned(_attn_fwd, "fwd", FWD_CONFIGS, INTERPRETER_FWD_CONFIG)
+_attn_bwd_tuned = _autotuned(_attn_bwd, "bwd", BWD_CONFIGS, INTERPRETER_BWD_CONFIG)
+
+
+def _t_bucket(Tq, Tk):
+    return triton.next_power_of_2(max(Tq, Tk))
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    """Global memory for the tensor descriptors the kernels build on the device (128 bytes each)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _use_tma(*tensors) -> bool:
+    """TMA tensor descriptors on Hopper and later, when every base address and row stride is 16-byte aligned
+    (the model's (B, T, H, D) views are); the pointer path on older GPUs and under the interpreter."""
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    ok = all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+             for t in tensors)
+    if ok:
+        # set at every launch: the allocator is a context variable, and autograd runs backward in its own thread
+        triton.set_allocator(_tma_scratch)
+    return ok
+
+
+def _draw_seed(device, dropout_p):
+    """The dropout seed as a one-element int64 tensor on the inputs' device, drawn from torch's generator for that
+    device: no host sync, and a CUDA-graph replay draws a new one."""
     if dropout_p == 0.0:
-        return 0
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())  # torch's default CPU generator
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,19 +466,20 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     Tk = k.shape[2]
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    seed = _draw_seed(dropout_p)
+    seed = _draw_seed(q.device, dropout_p)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_fwd_tuned[grid](q, k, v, o, lse, seed, scale, dropout_p,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                          H, Tq, Tk, D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, BLOCK_D=_block_d(D))
-    return o, lse, torch.tensor([seed], dtype=torch.int64)
+                          H, Tq, Tk, _t_bucket(Tq, Tk), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+                          USE_TMA=_use_tma(q, k, v, o), HEAD_DIM=D, BLOCK_D=_block_d(D))
+    return o, lse, seed
 
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, causal, dropout_p, scale):
     B, H, Tq, D = q.shape
     return (q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32),
-            torch.empty(1, dtype=torch.int64))
+            q.new_empty((1,), dtype=torch.int64))
 
 
 @torch.library.custom_op("nanogpt_kernels::attention_bwd", mutates_args=())
@@ -355,18 +495,17 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     block_d = _block_d(D)
-    pre_block = 64
-    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq, D, BLOCK_M=pre_block, BLOCK_D=block_d)
-    seed_value = int(seed.item())
-    dropout = dropout_p > 0.0
-    common = (seed_value, scale, dropout_p, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, dk, dv, lse, delta, *common, *dk.stride()[:3], *dv.stride()[:3],
-        H, Tq, Tk, D, CAUSAL=causal, DROPOUT=dropout, BLOCK_D=block_d)
-    _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, *common, *dq.stride()[:3],
-        H, Tq, Tk, D, CAUSAL=causal, DROPOUT=dropout, BLOCK_D=block_d)
+    pre = PREPROCESS_CONFIG
+    _attn_bwd_preprocess[(triton.cdiv(Tq, pre["BLOCK_M"]), B * H)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq, HEAD_DIM=D, BLOCK_M=pre["BLOCK_M"],
+        BLOCK_D=block_d, num_warps=pre["num_warps"], num_stages=pre["num_stages"])
+    grid = lambda meta: (triton.cdiv(max(Tq, Tk), meta["BLOCK_OWN"]), B * H)  # noqa: E731
+    _attn_bwd_tuned[grid](
+        q, k, v, do, dq, dk, dv, lse, delta, seed, scale, dropout_p,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        H, Tq, Tk, _t_bucket(Tq, Tk), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+        USE_TMA=_use_tma(q, k, v, do, dq, dk, dv), HEAD_DIM=D, BLOCK_D=block_d)
     return dq, dk, dv
 
 
@@ -393,7 +532,7 @@ def _backward(ctx, do, _dlse, _dseed):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q, k, v, causal, dropout_p):
+def _check_inputs(q, k, v, causal, dropout_p, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-d tensor (B, H, T, D), got "
@@ -415,6 +554,8 @@ def _check_inputs(q, k, v, causal, dropout_p):
         raise ValueError("attention: sequences must have at least one position")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p={dropout_p} must be in [0, 1)")
+    if scale is not None and not scale > 0.0:
+        raise ValueError(f"attention: scale={scale} must be positive (the kernels fold it into the row maximum)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"attention: {name} must be contiguous in its last (head) dimension; call "
@@ -427,10 +568,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """softmax(q k^T * scale [+ causal mask]) v with dropout on the attention weights, fused.
 
     The same function as F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p,
-    scale=scale). q, k, v: (B, H, T, D), any strides with a contiguous last dimension (the model's
-    (B, T, H, D).transpose(1, 2) views are read in place); D in HEAD_DIMS; float32, float16 or bfloat16,
-    fp32 accumulation, output in the input dtype."""
-    _check_inputs(q, k, v, causal, dropout_p)
+    scale=scale) for scale > 0. q, k, v: (B, H, T, D), any strides with a contiguous last dimension (the
+    model's (B, T, H, D).transpose(1, 2) views are read in place); D in HEAD_DIMS; float32, float16 or
+    bfloat16, fp32 accumulation, output in the input dtype."""
+    _check_inputs(q, k, v, causal, dropout_p, scale)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return _attention_fwd_op(q, k, v, bool(causal), float(dropout_p), float(scale))[0]
@@ -439,8 +580,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 def dropout_mask(B: int, H: int, Tq: int, Tk: int, dropout_p: float, seed: int, device="cpu") -> torch.Tensor:
     """For tests: the (B, H, Tq, Tk) boolean keep-mask that the kernels use for this seed."""
     out = torch.empty((B * H, Tq, Tk), dtype=torch.int8, device=device)
+    seed_tensor = torch.tensor([seed], dtype=torch.int64, device=device)
     grid = (triton.cdiv(Tq, 32), triton.cdiv(Tk, 32), B * H)
-    _dropout_mask_kernel[grid](out, seed, dropout_p, Tq, Tk, BLOCK_M=32, BLOCK_N=32)
+    _dropout_mask_kernel[grid](out, seed_tensor, dropout_p, Tq, Tk, BLOCK_M=32, BLOCK_N=32)
     return out.view(B, H, Tq, Tk).bool()
 
 
