@@ -28,6 +28,7 @@ is a CUDA (or CPU) int64 tensor drawn from torch's generator on the inputs' devi
 torch.manual_seed makes a run reproducible, a CUDA-graph replay draws a fresh seed, and activation
 checkpointing (which restores the RNG state) recomputes the same mask.
 """
+import contextlib
 import math
 
 import torch
@@ -221,9 +222,11 @@ def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_d
             dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
         else:
             pd_t = p_t
-        dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        # both left operands rounded before either dot: the fp32 tiles die here, not across the dV dot
+        pd_t = pd_t.to(do.dtype)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dv = tl.dot(pd_t, do, dv, input_precision=PRECISION)
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -356,12 +359,14 @@ ALL_BLOCK_DS = (16, 32, 64, 128)
 # forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds)
 _FWD = [(128, 64, 4, 3, ALL_BLOCK_DS), (128, 64, 8, 3, ALL_BLOCK_DS), (128, 128, 8, 3, ALL_BLOCK_DS),
         (64, 64, 4, 3, ALL_BLOCK_DS), (128, 32, 4, 4, ALL_BLOCK_DS), (64, 32, 4, 4, ALL_BLOCK_DS)]
-# backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds)
-_BWD = [(64, 32, 4, 2, ALL_BLOCK_DS), (64, 64, 4, 2, ALL_BLOCK_DS), (128, 32, 8, 2, ALL_BLOCK_DS),
-        (128, 64, 8, 2, ALL_BLOCK_DS)]
+# backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds,
+# block_ds with dropout). Walking 64 rows spills at BLOCK_D 64/128 (the S^T and dP^T tiles double); with dropout,
+# the Philox state pushes BLOCK_D=128 over 255 registers unless the walk is 16 rows.
+_BWD = [(64, 32, 4, 2, ALL_BLOCK_DS, (16, 32, 64)), (128, 32, 8, 2, ALL_BLOCK_DS, (16, 32, 64)),
+        (64, 64, 4, 2, (16, 32), (16, 32)), (128, 64, 8, 2, (16, 32), (16, 32)), (64, 16, 4, 2, (), (128,))]
 FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds) for m, n, w, s, ds in _FWD]
-BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_ds=ds)
-               for o, k, w, s, ds in _BWD]
+BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_ds=ds, dropout_block_ds=dds)
+               for o, k, w, s, ds, dds in _BWD]
 INTERPRETER_FWD_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
 INTERPRETER_BWD_CONFIG = dict(BLOCK_OWN=32, BLOCK_WALK=16, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
 PREPROCESS_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # delta = rowsum(dO * O): no dot
@@ -375,7 +380,8 @@ def _check_block_shapes():
                           ("bwd", BWD_CONFIGS + [INTERPRETER_BWD_CONFIG])):
         own, walk = BLOCK_KEYS[kind]
         for c in configs:
-            if c[own] % c[walk] or c[walk] % 16 or set(c["block_ds"]) - set(ALL_BLOCK_DS):
+            if (c[own] % c[walk] or c[walk] % 16
+                    or (set(c["block_ds"]) | set(c.get("dropout_block_ds", ()))) - set(ALL_BLOCK_DS)):
                 raise ValueError(f"attention: {kind} config {c} breaks the kernel's block-shape invariant")
 
 
@@ -386,9 +392,34 @@ def _block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
-def configs_for(configs, block_d):
-    """The entries of a config list shipped for this BLOCK_D (what the autotuner may choose on a GPU)."""
-    return [c for c in configs if block_d in c["block_ds"]]
+def configs_for(configs, block_d, dropout=False):
+    """The entries of a config list shipped for this BLOCK_D, with or without dropout (what the autotuner may
+    choose on a GPU). An entry without `dropout_block_ds` ships for the same BLOCK_Ds either way."""
+    return [c for c in configs if block_d in (c.get("dropout_block_ds", c["block_ds"]) if dropout else c["block_ds"])]
+
+
+# "fwd" or "bwd" -> the config entry every launch of it must use (set by `forced_configs`, for tests)
+_FORCED = {}
+
+
+@contextlib.contextmanager
+def forced_configs(**entries):
+    """For tests: launch with the given config entries (fwd=, bwd=: entries of FWD_CONFIGS, BWD_CONFIGS) instead
+    of the autotuner's choice, under the interpreter too; the others keep theirs. tests/test_kernel_configs.py
+    runs every GPU config on the CPU this way."""
+    tuned = {"fwd": _attn_fwd_tuned, "bwd": _attn_bwd_tuned}
+    unknown = set(entries) - set(tuned)
+    if unknown:
+        raise ValueError(f"forced_configs: unknown kernel(s) {sorted(unknown)}; choose from {sorted(tuned)}")
+    for name in entries:
+        tuned[name].cache.clear()  # the autotuner remembers its choice per key: forget it
+    _FORCED.update(entries)
+    try:
+        yield
+    finally:
+        for name in entries:
+            _FORCED.pop(name, None)
+            tuned[name].cache.clear()
 
 
 def _autotuned(fn, kind, configs, interpreter_config):
@@ -401,16 +432,18 @@ def _autotuned(fn, kind, configs, interpreter_config):
     def ident(c):
         return tuple(c[k] for k in keys) + (c["num_warps"], c["num_stages"])
 
-    shipped = {ident(c): c["block_ds"] for c in configs}
-
     def prune(triton_configs, named_args, **kwargs):
+        if kind in _FORCED:
+            return [triton_config(_FORCED[kind])]
         if interpreting():
             return [triton_config(interpreter_config)]
-        block_d = {**named_args, **kwargs}["BLOCK_D"]
+        args = {**named_args, **kwargs}
+        block_d, dropout = args["BLOCK_D"], args["DROPOUT"]
+        allowed = [ident(c) for c in configs_for(configs, block_d, dropout)]
         kept = [t for t in triton_configs
-                if block_d in shipped[tuple(t.kwargs[k] for k in keys) + (t.num_warps, t.num_stages)]]
+                if tuple(t.kwargs[k] for k in keys) + (t.num_warps, t.num_stages) in allowed]
         if not kept:
-            raise ValueError(f"attention: no launch config is shipped for BLOCK_D={block_d}")
+            raise ValueError(f"attention: no launch config is shipped for BLOCK_D={block_d}, dropout={dropout}")
         return kept
 
     # T_BUCKET: the sequence length rounded up to a power of two, so a KV-cache prefill of every prompt length
@@ -592,3 +625,56 @@ def last_seed_of(q, k, v, causal=True, dropout_p=0.0, scale=None):
         scale = 1.0 / math.sqrt(q.shape[-1])
     o, _, seed = _attention_fwd_op(q, k, v, causal, dropout_p, scale)
     return o, int(seed.item())
+
+
+# ------------------------------------------------------------------------------------------------
+# what `python -m kernels.inspect` compiles (the contract is described at the top of kernels/inspect.py)
+
+# (dtype, head dim, causal, dropout): GPT-2's bf16 call (D=64) and D=128, causal or not, dropout off or on; a padded
+# head dim (96 runs in BLOCK_D=128); fp16 (it compiles like bf16: two rows to show it)
+INSPECT_PROBLEMS = [(torch.bfloat16, d, causal, dropout) for d in (64, 128) for causal in (True, False)
+                    for dropout in (False, True)]
+INSPECT_PROBLEMS += [(torch.bfloat16, 96, True, False), (torch.float16, 64, True, False),
+                     (torch.float16, 128, True, True)]
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def inspect_cases(problems=None, arch="sm_90"):
+    """Every attention kernel x every launch config it can pick on a GPU x representative problems: GPT-2 124M's
+    call (B=16, H=12, T=1024, q/k/v the (B, T, H, D).transpose(1, 2) views of c_attn's output), with the load
+    path the launch picks on `arch` (TMA descriptors on sm_90, pointers on sm_80)."""
+    from kernels.inspect import ARCHS, launch_case
+    use_tma = ARCHS[arch]["capability"] >= 90
+    B, H, T = 16, 12, 1024
+    cases = []
+    for dtype, D, causal, dropout in problems or INSPECT_PROBLEMS:
+        C = H * D
+        qkv = (T * 3 * C, D, 3 * C)      # strides (b, h, t) of the c_attn views
+        dense = (H * T * D, T * D, D)    # a contiguous (B, H, T, D) tensor: o, dq, dk, dv
+        do = (T * C, D, C)               # the gradient of y.transpose(1, 2), as the model's backward hands it
+        problem = {"dtype": _DTYPE_NAMES[dtype], "head_dim": D, "causal": causal, "dropout": dropout}
+        block_d = _block_d(D)
+        common = dict(Seed=torch.int64, sm_scale=D ** -0.5, dropout_p=0.1 if dropout else 0.0)
+        flags = dict(CAUSAL=causal, DROPOUT=dropout, USE_TMA=use_tma, HEAD_DIM=D, BLOCK_D=block_d)
+        sizes = dict(H=H, Tq=T, Tk=T, T_BUCKET=_t_bucket(T, T))
+        for c in configs_for(FWD_CONFIGS, block_d, dropout):
+            cases.append(launch_case("attention_fwd", _attn_fwd, c, problem, dict(
+                Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32, **common,
+                **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv), **_strides("o", dense),
+                **sizes, **flags)))
+        cases.append(launch_case("attention_bwd_preprocess", _attn_bwd_preprocess, PREPROCESS_CONFIG, problem, dict(
+            O=dtype, DO=dtype, Delta=torch.float32, **_strides("o", dense), **_strides("do", do), H=H, Tq=T,
+            HEAD_DIM=D, BLOCK_D=block_d)))
+        for c in configs_for(BWD_CONFIGS, block_d, dropout):
+            cases.append(launch_case("attention_bwd", _attn_bwd, c, problem, dict(
+                Q=dtype, K=dtype, V=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE=torch.float32,
+                Delta=torch.float32, **common, **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv),
+                **_strides("do", do), **_strides("dq", dense), **_strides("dk", dense), **_strides("dv", dense),
+                **sizes, **flags)))
+    return cases
+
+
+def _strides(name, strides):
+    """{stride_<name>b: .., stride_<name>h: .., stride_<name>m or n: ..}, named as the kernels name them."""
+    row = {"q": "m", "o": "m", "do": "m", "dq": "m"}.get(name, "n")
+    return dict(zip((f"stride_{name}b", f"stride_{name}h", f"stride_{name}{row}"), strides))

@@ -55,13 +55,20 @@ def _gelu_bwd(DY, X, Bias, DX, numel, N, HAS_BIAS: tl.constexpr, APPROX_TANH: tl
     tl.store(DX + offs, (dy * dgelu).to(DX.dtype.element_ty), mask=mask)
 
 
-def _block():
-    # under the interpreter every program costs Python time, and wide numpy tiles cost little
-    return 65536 if interpreting() else 1024
+# elements per program and warps, on a GPU; under the interpreter every program costs Python time, and wide numpy
+# tiles cost little, so a program takes INTERPRETER_BLOCK elements there
+LAUNCH_CONFIG = dict(BLOCK=1024, num_warps=4)
+INTERPRETER_BLOCK = 65536
 
 
-def _grid(numel):
-    return (triton.cdiv(numel, _block()),)
+def launch_config(interpreter: bool | None = None) -> dict:
+    if interpreter is None:
+        interpreter = interpreting()
+    return {**LAUNCH_CONFIG, "BLOCK": INTERPRETER_BLOCK} if interpreter else dict(LAUNCH_CONFIG)
+
+
+def _grid(numel, launch):
+    return (triton.cdiv(numel, launch["BLOCK"]),)
 
 
 @torch.library.custom_op("nanogpt_kernels::gelu_fwd", mutates_args=())
@@ -69,8 +76,9 @@ def _gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -
     x = x.contiguous()
     y = torch.empty_like(x)
     if x.numel():
-        _gelu_fwd[_grid(x.numel())](x, bias if bias is not None else x, y, x.numel(), x.shape[-1],
-                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK=_block())
+        launch = launch_config()
+        _gelu_fwd[_grid(x.numel(), launch)](x, bias if bias is not None else x, y, x.numel(), x.shape[-1],
+                                            HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **launch)
     return y
 
 
@@ -85,8 +93,9 @@ def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, a
     dy = dy.contiguous()
     dx = torch.empty_like(x)
     if x.numel():
-        _gelu_bwd[_grid(x.numel())](dy, x, bias if bias is not None else x, dx, x.numel(), x.shape[-1],
-                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK=_block())
+        launch = launch_config()
+        _gelu_bwd[_grid(x.numel(), launch)](dy, x, bias if bias is not None else x, dx, x.numel(), x.shape[-1],
+                                            HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **launch)
     return dx
 
 
@@ -130,3 +139,30 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "
                              f"last dimension")
     check_device("gelu", x, bias)
     return _gelu_fwd_op(x, bias, approximate)
+
+
+# ------------------------------------------------------------------------------------------------
+# what `python -m kernels.inspect` compiles (the contract is described at the top of kernels/inspect.py)
+
+# (x dtype, bias dtype): under autocast c_fc's output is bfloat16 and its bias a float32 parameter; float32 training
+INSPECT_DTYPES = [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)]
+INSPECT_WIDTHS = (768, 1600, 3072)
+
+
+def inspect_cases():
+    """Forward and backward, exact and tanh, at GPT-2 widths over 16K rows."""
+    from kernels.inspect import launch_case
+    M = 16 * 1024
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    cases = []
+    for dtype, bias_dtype in INSPECT_DTYPES:
+        for N in INSPECT_WIDTHS:
+            for approximate in APPROXIMATIONS:
+                problem = {"dtype": names[dtype], "width": N, "approximate": approximate}
+                flags = dict(numel=M * N, N=N, HAS_BIAS=True, APPROX_TANH=approximate == "tanh")
+                launch = launch_config(interpreter=False)
+                cases.append(launch_case("gelu_fwd", _gelu_fwd, launch, problem,
+                                         dict(X=dtype, Bias=bias_dtype, Y=dtype, **flags)))
+                cases.append(launch_case("gelu_bwd", _gelu_bwd, launch, problem,
+                                         dict(DY=dtype, X=dtype, Bias=bias_dtype, DX=dtype, **flags)))
+    return cases

@@ -102,11 +102,24 @@ def _warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
-def _rows_per_program(block_n: int) -> int:
+def _rows_per_program(block_n: int, interpreter: bool | None = None) -> int:
     """Rows per tile: ~4K elements on a GPU (narrow rows share a program), ~64K under the interpreter,
-    where each program costs Python time and wide numpy tiles cost little."""
-    budget = 65536 if interpreting() else 4096
+    where each program costs Python time and wide numpy tiles cost little. `interpreter`: which of the two
+    (default: where this process runs; `python -m kernels.inspect` asks for the GPU's)."""
+    if interpreter is None:
+        interpreter = interpreting()
+    budget = 65536 if interpreter else 4096
     return max(1, min(128, budget // block_n))
+
+
+# the reduction of the per-program dw/db partial sums: a fixed launch
+SUM_PARTIALS_CONFIG = dict(BLOCK_P=32, BLOCK_N=128, num_warps=4)
+
+
+def launch_config(N: int, element_size: int, interpreter: bool | None = None) -> dict:
+    """The forward's and the backward's (dx) launch parameters for rows of N elements."""
+    block_n = _block_n(N, element_size)
+    return dict(BLOCK_M=_rows_per_program(block_n, interpreter), BLOCK_N=block_n, num_warps=_warps(block_n))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,12 +140,10 @@ def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
-        block_n = _block_n(N, x.element_size())
-        block_m = _rows_per_program(block_n)
-        grid = (triton.cdiv(M, block_m),)
+        launch = launch_config(N, x.element_size())
+        grid = (triton.cdiv(M, launch["BLOCK_M"]),)
         _layer_norm_fwd[grid](x2, y, weight, bias if bias is not None else weight, mean, rstd,
-                              x2.stride(0), y.stride(0), M, N, eps, HAS_BIAS=bias is not None,
-                              BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_n))
+                              x2.stride(0), y.stride(0), M, N, eps, HAS_BIAS=bias is not None, **launch)
     return y.view(x.shape), mean, rstd
 
 
@@ -159,20 +170,17 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     db = torch.empty(N, dtype=weight.dtype, device=x.device)
     if M == 0:
         return dx.view(x.shape), dw.zero_(), db.zero_()
-    block_n = _block_n(N, x.element_size())
-    block_m = _rows_per_program(block_n)
-    programs = max(1, min(triton.cdiv(M, block_m), num_programs_hint(x.device)))
+    launch = launch_config(N, x.element_size())
+    programs = max(1, min(triton.cdiv(M, launch["BLOCK_M"]), num_programs_hint(x.device)))
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else dw_partial
     _layer_norm_bwd_dx[(programs,)](dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
                                     dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
-                                    HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
-                                    num_warps=_warps(block_n))
-    block_cols = 128
-    grid = (triton.cdiv(N, block_cols),)
-    _sum_partials[grid](dw_partial, dw, programs, N, BLOCK_P=32, BLOCK_N=block_cols)
+                                    HAS_BIAS=has_bias, **launch)
+    grid = (triton.cdiv(N, SUM_PARTIALS_CONFIG["BLOCK_N"]),)
+    _sum_partials[grid](dw_partial, dw, programs, N, **SUM_PARTIALS_CONFIG)
     if has_bias:
-        _sum_partials[grid](db_partial, db, programs, N, BLOCK_P=32, BLOCK_N=block_cols)
+        _sum_partials[grid](db_partial, db, programs, N, **SUM_PARTIALS_CONFIG)
     else:
         db.zero_()
     return dx.view(x.shape), dw, db
@@ -223,3 +231,34 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             raise TypeError(f"layer_norm: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     check_device("layer_norm", x, weight, bias)
     return _layer_norm_fwd_op(x, weight, bias, float(eps))[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# what `python -m kernels.inspect` compiles (the contract is described at the top of kernels/inspect.py)
+
+# (x dtype, weight dtype): under autocast the residual stream, hence LayerNorm, stays float32; a model cast to
+# bfloat16 (sampling) calls it in bfloat16
+INSPECT_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+INSPECT_WIDTHS = (768, 1600, 3072)
+
+
+def inspect_cases():
+    """Forward, backward (dx + partial sums) and the partial-sum reduction, at GPT-2's widths (16K rows)."""
+    from kernels.inspect import launch_case
+    M, programs = 16 * 1024, 132 * 4  # B*T of GPT-2 124M's step; an H100's 132 SMs x num_programs_hint's 4
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    cases = []
+    for dtype, wdtype in INSPECT_DTYPES:
+        for N in INSPECT_WIDTHS:
+            launch = launch_config(N, torch.empty((), dtype=dtype).element_size(), interpreter=False)
+            problem = {"dtype": names[dtype], "width": N}
+            cases.append(launch_case("layer_norm_fwd", _layer_norm_fwd, launch, problem, dict(
+                X=dtype, Y=dtype, W=wdtype, B=wdtype, Mean=torch.float32, Rstd=torch.float32, stride_x=N,
+                stride_y=N, M=M, N=N, eps=1e-5, HAS_BIAS=True)))
+            cases.append(launch_case("layer_norm_bwd_dx", _layer_norm_bwd_dx, launch, problem, dict(
+                DY=dtype, X=dtype, W=wdtype, Mean=torch.float32, Rstd=torch.float32, DX=dtype,
+                DW_partial=torch.float32, DB_partial=torch.float32, stride_dy=N, stride_x=N, stride_dx=N, M=M, N=N,
+                HAS_BIAS=True)))
+            cases.append(launch_case("layer_norm_sum_partials", _sum_partials, SUM_PARTIALS_CONFIG, problem, dict(
+                Partial=torch.float32, Out=wdtype, P=programs, N=N)))
+    return cases

@@ -2,6 +2,7 @@
 
 Error norm: relative Frobenius (L2) norm, ||actual - expected|| / ||expected||; for gradients the denominator
 is max(||expected||, ||dO||), since a gradient can be exactly zero (T=1: dq = dk = 0)."""
+import importlib
 import math
 
 import pytest
@@ -11,6 +12,8 @@ from conftest import DEVICE
 from kernels.testing import TOLERANCE as TOLERANCES, relative_error
 from kernels import attention
 from kernels.attention import dropout_mask, last_seed_of
+
+attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is also the function
 
 SHAPES = [(1, 1, 1, 16), (2, 3, 7, 32), (1, 2, 100, 48), (2, 2, 128, 64), (1, 1, 257, 80), (1, 2, 64, 128),
           (1, 1, 33, 96)]
@@ -67,6 +70,69 @@ def test_custom_scale_and_unequal_lengths(causal):
         check(q, k2, v2, False, torch.float32)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shapes", [((1, 2, 40, 64), (1, 2, 70, 64)), ((1, 2, 70, 32), (1, 2, 23, 32))],
+                         ids=["more-keys", "more-queries"])
+def test_one_launch_backward_with_unequal_lengths_and_dropout(shapes, causal):
+    """The backward's program n does dK/dV of key block n and dQ of query block n: with Tq != Tk some programs
+    have only one of the two (cross-attention, no causal mask); with dropout, against the kernels' own mask."""
+    if causal:
+        shapes = (shapes[0], shapes[0])
+    (q, _, _), (_, k, v) = make_qkv(shapes[0], torch.float32), make_qkv(shapes[1], torch.float32, seed=1)
+    check(q, k, v, causal, torch.float32)
+    p = 0.2
+    torch.manual_seed(5)
+    _, seed = last_seed_of(q, k, v, causal, p)
+    keep = dropout_mask(q.shape[0], q.shape[1], q.shape[2], k.shape[2], p, seed, device=DEVICE)
+    torch.manual_seed(5)
+    check(q, k, v, causal, torch.float32, dropout_p=p, keep=keep)
+
+
+def test_backward_is_deterministic():
+    """No atomics: two backward passes give bit-identical gradients."""
+    q, k, v = make_qkv((2, 2, 77, 32), torch.float32)
+    o = attention(q, k, v)
+    do = torch.randn_like(o)
+    first = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+    second = torch.autograd.grad(o, (q, k, v), do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture
+def tma_path(monkeypatch):
+    """Launch the tensor-descriptor (TMA) code path that sm_90 takes; the interpreter runs descriptors too."""
+    calls = []
+
+    def use_tma(*tensors):
+        calls.append(len(tensors))
+        return True
+
+    monkeypatch.setattr(attention_module, "_use_tma", use_tma)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 32), (1, 2, 100, 48), (1, 1, 70, 128)], ids=str)
+def test_tensor_descriptor_path(tma_path, shape, causal, dtype):
+    check(*make_qkv(shape, dtype), causal, dtype)
+    assert tma_path == [4, 7]  # the forward (q, k, v, o) and the backward (q, k, v, dO, dq, dk, dv) took it
+
+
+def test_tensor_descriptor_path_reads_strided_views_and_drops_out(tma_path):
+    torch.manual_seed(0)
+    B, T, H, D = 2, 45, 3, 32
+    qkv = torch.randn(B, T, 3 * H * D, device=DEVICE)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2).detach().requires_grad_() for t in qkv.split(H * D, dim=2))
+    check(q, k, v, True, torch.float32)
+    torch.manual_seed(9)
+    _, seed = last_seed_of(q, k, v, True, 0.3)
+    keep = dropout_mask(B, H, T, T, 0.3, seed, device=DEVICE)
+    torch.manual_seed(9)
+    check(q, k, v, True, torch.float32, dropout_p=0.3, keep=keep)
+
+
 def test_strided_views_read_in_place():
     """The model's (B, T, H, D).transpose(1, 2) views give the same results as contiguous copies."""
     torch.manual_seed(0)
@@ -116,6 +182,25 @@ def test_dropout_matches_reference_with_the_kernels_own_mask(shape, causal):
     check(q, k, v, causal, torch.float32, dropout_p=p, keep=keep)
 
 
+def test_seed_stays_on_the_device():
+    """The forward op returns its seed as a one-element int64 tensor on the inputs' device (no host sync, no CPU
+    tensor to stop CUDA graphs), drawn from torch's generator: torch.manual_seed reproduces it."""
+    q, k, v = (t.detach() for t in make_qkv((1, 1, 8, 16), torch.float32))
+    scale = 0.25
+    torch.manual_seed(3)
+    _, _, seed = attention_module._attention_fwd_op(q, k, v, True, 0.1, scale)
+    assert seed.device == q.device and seed.dtype == torch.int64 and seed.shape == (1,)
+    torch.manual_seed(3)
+    assert torch.equal(attention_module._attention_fwd_op(q, k, v, True, 0.1, scale)[2], seed)
+
+
+def test_autotune_key_buckets_sequence_lengths():
+    """A prompt of any length up to a power of two shares one autotuning entry (KV-cache prefill)."""
+    bucket = attention_module._t_bucket
+    assert bucket(513, 513) == bucket(1000, 1000) == bucket(1024, 1) == 1024
+    assert bucket(1025, 1025) == 2048 and bucket(1, 1) == 1
+
+
 def test_dropout_statistics():
     p = 0.4
     B, H, T = 2, 2, 96
@@ -162,6 +247,8 @@ def test_bad_input_errors():
         attention(q, k, v, dropout_p=1.0)
     with pytest.raises(ValueError, match="causal attention needs as many keys as queries"):
         attention(q, k[:, :, :5], v[:, :, :5])
+    with pytest.raises(ValueError, match=r"attention: scale=-0.5 must be positive"):
+        attention(q, k, v, scale=-0.5)
 
 
 def test_cpu_without_interpreter_says_how_to_run(monkeypatch):
