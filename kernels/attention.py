@@ -22,8 +22,8 @@ Loads and stores: on Hopper (sm_90+) the Q/K/V/O/dO/dQ/dK/dV tiles move through 
 on the device (`tl.make_tensor_descriptor`; the hardware clips and zero-fills the tails); elsewhere (sm_80,
 the interpreter, or a tensor TMA cannot address) through masked pointer loads. The launch picks the path.
 
-Dropout: element (b*h, i, j) of the mask comes from Philox at counter (bh*Tq + i)*ceil(Tk/4) + j//4, output
-j%4 (each call yields four draws), recomputed identically in every pass, so the mask is never stored. The seed
+Dropout: element (b*h, i, j) of the mask comes from 32-bit Philox at counter (j//4, i, b*h, 0), output j%4
+(each call yields four draws), recomputed identically in every pass, so the mask is never stored. The seed
 is a CUDA (or CPU) int64 tensor drawn from torch's generator on the inputs' device and read by the kernels:
 torch.manual_seed makes a run reproducible, a CUDA-graph replay draws a fresh seed, and activation
 checkpointing (which restores the RNG state) recomputes the same mask.
@@ -86,13 +86,15 @@ def _store(src, row0, value, T, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.co
 
 
 @triton.jit
-def _keep(seed, bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The dropout keep-mask of the (BLOCK_M queries, BLOCK_N keys) tile at (start_m, start_n): one Philox
-    call per four keys of a row, all four of its outputs used."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
-    counter = (bh * Tq + offs_m[:, None].to(tl.int64)) * ((Tk + 3) // 4) + groups[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+def _keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dropout keep-mask of the (BLOCK_M queries, BLOCK_N keys) tile at (start_m, start_n): one Philox call
+    per four keys of a row, all four of its outputs used. The call's counter is the 32-bit words (key group,
+    query, batch*head, 0): 32-bit Philox (a 64-bit offset would select Triton's costlier 64-bit Philox)."""
+    shape: tl.constexpr = (BLOCK_M, BLOCK_N // 4)
+    groups = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
+    rows = (start_m + tl.arange(0, BLOCK_M)).to(tl.uint32)
+    zero = tl.zeros(shape, dtype=tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, groups[None, :] + zero, rows[:, None] + zero, zero + bh.to(tl.uint32), zero)
     # interleave so that key 4g + c takes output c of call g: join stacks on a new last axis
     r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
     return tl.random.uint_to_uniform_float(r) >= dropout_p
@@ -125,7 +127,7 @@ def _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the normalizer counts every element, dropped or not
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _keep(seed, bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * dropout_scale, 0.0)
         v = _load(v_src, start_n, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
@@ -217,7 +219,7 @@ def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_d
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
-            keep_t = tl.trans(_keep(seed, bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M, BLOCK_N))
+            keep_t = tl.trans(_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
             pd_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
             dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
         else:
@@ -250,7 +252,7 @@ def _dq_tile_loop(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, sta
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            keep = _keep(seed, bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -343,7 +345,7 @@ def _dropout_mask_kernel(Out, Seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BL
     start_m = tl.program_id(0) * BLOCK_M
     start_n = tl.program_id(1) * BLOCK_N
     bh = tl.program_id(2).to(tl.int64)
-    keep = _keep(tl.load(Seed), bh, start_m, start_n, Tq, Tk, dropout_p, BLOCK_M, BLOCK_N)
+    keep = _keep(tl.load(Seed), bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
@@ -356,17 +358,25 @@ def _dropout_mask_kernel(Out, Seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BL
 # bench/results/NOTES.md). The interpreter runs one small config (speed there is meaningless).
 
 ALL_BLOCK_DS = (16, 32, 64, 128)
-# forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds)
-_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS), (128, 64, 8, 3, ALL_BLOCK_DS), (128, 128, 8, 3, ALL_BLOCK_DS),
-        (64, 64, 4, 3, ALL_BLOCK_DS), (128, 32, 4, 4, ALL_BLOCK_DS), (64, 32, 4, 4, ALL_BLOCK_DS)]
-# backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds,
-# block_ds with dropout). Walking 64 rows spills at BLOCK_D 64/128 (the S^T and dP^T tiles double); with dropout,
-# the Philox state pushes BLOCK_D=128 over 255 registers unless the walk is 16 rows.
-_BWD = [(64, 32, 4, 2, ALL_BLOCK_DS, (16, 32, 64)), (128, 32, 8, 2, ALL_BLOCK_DS, (16, 32, 64)),
-        (64, 64, 4, 2, (16, 32), (16, 32)), (128, 64, 8, 2, (16, 32), (16, 32)), (64, 16, 4, 2, (), (128,))]
-FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds) for m, n, w, s, ds in _FWD]
-BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_ds=ds, dropout_block_ds=dds)
-               for o, k, w, s, ds, dds in _BWD]
+# An entry: its block sizes, num_warps, num_stages, the BLOCK_Ds it is shipped for, and `skip`: the BLOCK_Ds it is
+# not shipped for under a condition ("sm_80": on GPUs before Hopper, which take the pointer path and mma.sync;
+# "dropout" / "no_dropout": with or without dropout), because its compiled code spills there
+# (bench/results/NOTES.md has the numbers).
+# forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds, skip)
+_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS, {"sm_80": (128,)}), (128, 64, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,)}),
+        (128, 128, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,)}), (64, 64, 4, 3, ALL_BLOCK_DS, {}),
+        (128, 32, 4, 4, ALL_BLOCK_DS, {"sm_80": (64,)}), (64, 32, 4, 4, ALL_BLOCK_DS, {})]
+# backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds, skip).
+# Walking 64 rows spills at BLOCK_D 64/128 (the S^T and dP^T tiles double); with dropout, the Philox state pushes
+# BLOCK_D=128 over 255 registers unless the walk is 16 rows.
+_BWD = [(64, 32, 4, 2, ALL_BLOCK_DS, {"dropout": (128,)}),
+        (128, 32, 8, 2, ALL_BLOCK_DS, {"dropout": (128,), "sm_80": (128,)}),
+        (64, 64, 4, 2, (16, 32), {}), (128, 64, 8, 2, (16, 32), {}),
+        (64, 16, 4, 2, (128,), {"no_dropout": (128,)})]
+FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
+               for m, n, w, s, ds, skip in _FWD]
+BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
+               for o, k, w, s, ds, skip in _BWD]
 INTERPRETER_FWD_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
 INTERPRETER_BWD_CONFIG = dict(BLOCK_OWN=32, BLOCK_WALK=16, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
 PREPROCESS_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # delta = rowsum(dO * O): no dot
@@ -380,8 +390,7 @@ def _check_block_shapes():
                           ("bwd", BWD_CONFIGS + [INTERPRETER_BWD_CONFIG])):
         own, walk = BLOCK_KEYS[kind]
         for c in configs:
-            if (c[own] % c[walk] or c[walk] % 16
-                    or (set(c["block_ds"]) | set(c.get("dropout_block_ds", ()))) - set(ALL_BLOCK_DS)):
+            if c[own] % c[walk] or c[walk] % 16 or set(c["block_ds"]) - set(ALL_BLOCK_DS):
                 raise ValueError(f"attention: {kind} config {c} breaks the kernel's block-shape invariant")
 
 
@@ -392,10 +401,16 @@ def _block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
-def configs_for(configs, block_d, dropout=False):
-    """The entries of a config list shipped for this BLOCK_D, with or without dropout (what the autotuner may
-    choose on a GPU). An entry without `dropout_block_ds` ships for the same BLOCK_Ds either way."""
-    return [c for c in configs if block_d in (c.get("dropout_block_ds", c["block_ds"]) if dropout else c["block_ds"])]
+def configs_for(configs, block_d, dropout=False, arch="sm_90"):
+    """The entries of a config list shipped for this BLOCK_D, with or without dropout, on `arch` ("sm_90": Hopper
+    and later, "sm_80": earlier GPUs): what the autotuner may choose on a GPU."""
+    conditions = {"dropout" if dropout else "no_dropout"} | ({"sm_80"} if arch == "sm_80" else set())
+    return [c for c in configs if block_d in c["block_ds"]
+            and not any(block_d in c.get("skip", {}).get(cond, ()) for cond in conditions)]
+
+
+def _arch_of(device) -> str:
+    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
 
 
 # "fwd" or "bwd" -> the config entry every launch of it must use (set by `forced_configs`, for tests)
@@ -438,12 +453,13 @@ def _autotuned(fn, kind, configs, interpreter_config):
         if interpreting():
             return [triton_config(interpreter_config)]
         args = {**named_args, **kwargs}
-        block_d, dropout = args["BLOCK_D"], args["DROPOUT"]
-        allowed = [ident(c) for c in configs_for(configs, block_d, dropout)]
+        block_d, dropout, arch = args["BLOCK_D"], args["DROPOUT"], _arch_of(args["Q"].device)
+        allowed = [ident(c) for c in configs_for(configs, block_d, dropout, arch)]
         kept = [t for t in triton_configs
                 if tuple(t.kwargs[k] for k in keys) + (t.num_warps, t.num_stages) in allowed]
         if not kept:
-            raise ValueError(f"attention: no launch config is shipped for BLOCK_D={block_d}, dropout={dropout}")
+            raise ValueError(f"attention: no launch config is shipped for BLOCK_D={block_d}, dropout={dropout} "
+                             f"on {arch}")
         return kept
 
     # T_BUCKET: the sequence length rounded up to a power of two, so a KV-cache prefill of every prompt length
@@ -657,7 +673,7 @@ def inspect_cases(problems=None, arch="sm_90"):
         common = dict(Seed=torch.int64, sm_scale=D ** -0.5, dropout_p=0.1 if dropout else 0.0)
         flags = dict(CAUSAL=causal, DROPOUT=dropout, USE_TMA=use_tma, HEAD_DIM=D, BLOCK_D=block_d)
         sizes = dict(H=H, Tq=T, Tk=T, T_BUCKET=_t_bucket(T, T))
-        for c in configs_for(FWD_CONFIGS, block_d, dropout):
+        for c in configs_for(FWD_CONFIGS, block_d, dropout, arch):
             cases.append(launch_case("attention_fwd", _attn_fwd, c, problem, dict(
                 Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32, **common,
                 **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv), **_strides("o", dense),
@@ -665,7 +681,7 @@ def inspect_cases(problems=None, arch="sm_90"):
         cases.append(launch_case("attention_bwd_preprocess", _attn_bwd_preprocess, PREPROCESS_CONFIG, problem, dict(
             O=dtype, DO=dtype, Delta=torch.float32, **_strides("o", dense), **_strides("do", do), H=H, Tq=T,
             HEAD_DIM=D, BLOCK_D=block_d)))
-        for c in configs_for(BWD_CONFIGS, block_d, dropout):
+        for c in configs_for(BWD_CONFIGS, block_d, dropout, arch):
             cases.append(launch_case("attention_bwd", _attn_bwd, c, problem, dict(
                 Q=dtype, K=dtype, V=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE=torch.float32,
                 Delta=torch.float32, **common, **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv),
