@@ -19,6 +19,7 @@ Dropout: the keep decision of element (b*h, i, j) is Philox(seed, (bh*Tq + i)*Tk
 identically in every pass, so the mask is never stored. The seed is drawn from torch's default generator:
 torch.manual_seed makes a run reproducible.
 """
+import contextlib
 import math
 
 import torch
@@ -335,7 +336,31 @@ def _triton_config(c):
                          num_stages=c["num_stages"])
 
 
-def _autotuned(fn, configs):
+# "fwd", "dkdv" or "dq" -> the config entry every launch of it must use (set by `forced_configs`, for tests)
+_FORCED = {}
+
+
+@contextlib.contextmanager
+def forced_configs(**entries):
+    """For tests: launch with the given config entries (fwd=, dkdv=, dq=: entries of FWD_CONFIGS, DKDV_CONFIGS,
+    DQ_CONFIGS) instead of the autotuner's choice, under the interpreter too; the others keep theirs.
+    tests/test_kernel_configs.py runs every GPU config on the CPU this way."""
+    tuned = {"fwd": _attn_fwd_tuned, "dkdv": _attn_bwd_dkdv_tuned, "dq": _attn_bwd_dq_tuned}
+    unknown = set(entries) - set(tuned)
+    if unknown:
+        raise ValueError(f"forced_configs: unknown kernel(s) {sorted(unknown)}; choose from {sorted(tuned)}")
+    for name in entries:
+        tuned[name].cache.clear()  # the autotuner remembers its choice per key: forget it
+    _FORCED.update(entries)
+    try:
+        yield
+    finally:
+        for name in entries:
+            _FORCED.pop(name, None)
+            tuned[name].cache.clear()
+
+
+def _autotuned(name, fn, configs):
     """fn autotuned over `configs`, pruned per BLOCK_D at launch; the interpreter gets INTERPRETER_CONFIG."""
     def key(c):
         return c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]
@@ -343,6 +368,8 @@ def _autotuned(fn, configs):
     block_ds = {key(c): c["block_ds"] for c in configs}  # looked up at launch time
 
     def prune(triton_configs, named_args, **kwargs):
+        if name in _FORCED:
+            return [_triton_config(_FORCED[name])]
         if interpreting():
             return [_triton_config(INTERPRETER_CONFIG)]
         block_d = {**named_args, **kwargs}["BLOCK_D"]
@@ -357,9 +384,9 @@ def _autotuned(fn, configs):
 
 
 _AUTOTUNE_KEY = ["Tq", "Tk", "BLOCK_D", "CAUSAL", "DROPOUT"]  # dtype is part of Triton's own cache key
-_attn_fwd_tuned = _autotuned(_attn_fwd, FWD_CONFIGS)
-_attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv, DKDV_CONFIGS)
-_attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq, DQ_CONFIGS)
+_attn_fwd_tuned = _autotuned("fwd", _attn_fwd, FWD_CONFIGS)
+_attn_bwd_dkdv_tuned = _autotuned("dkdv", _attn_bwd_dkdv, DKDV_CONFIGS)
+_attn_bwd_dq_tuned = _autotuned("dq", _attn_bwd_dq, DQ_CONFIGS)
 
 
 def _draw_seed(dropout_p):
