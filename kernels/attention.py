@@ -383,18 +383,18 @@ PREPROCESS_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # delta = rowsu
 BLOCK_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "bwd": ("BLOCK_OWN", "BLOCK_WALK")}
 
 
-def _check_block_shapes():
+def _check_block_shapes(kind, configs):
     """The causal diagonal starts at a multiple of the owned block and is walked in steps of the other one, and
     a dropout tile draws four keys per Philox call: the owned block must be a multiple of the step, both of 16."""
-    for kind, configs in (("fwd", FWD_CONFIGS + [INTERPRETER_FWD_CONFIG]),
-                          ("bwd", BWD_CONFIGS + [INTERPRETER_BWD_CONFIG])):
-        own, walk = BLOCK_KEYS[kind]
-        for c in configs:
-            if c[own] % c[walk] or c[walk] % 16 or set(c["block_ds"]) - set(ALL_BLOCK_DS):
-                raise ValueError(f"attention: {kind} config {c} breaks the kernel's block-shape invariant")
+    own, walk = BLOCK_KEYS[kind]
+    for c in configs:
+        if c[own] % c[walk] or c[walk] % 16 or set(c["block_ds"]) - set(ALL_BLOCK_DS):
+            raise ValueError(f"attention: {kind} config {c} breaks the kernel's block-shape invariant: {own} must "
+                             f"be a multiple of {walk}, {walk} of 16, and block_ds a subset of {ALL_BLOCK_DS}")
 
 
-_check_block_shapes()
+_check_block_shapes("fwd", FWD_CONFIGS + [INTERPRETER_FWD_CONFIG])
+_check_block_shapes("bwd", BWD_CONFIGS + [INTERPRETER_BWD_CONFIG])
 
 
 def _block_d(D):

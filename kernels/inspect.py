@@ -3,7 +3,7 @@ the GPU would run.
 
     python -m kernels.inspect                      # sm_90 (H100/H200): the table on stdout
     python -m kernels.inspect --arch sm_80         # A100
-    python -m kernels.inspect --json rows.json --dump DIR --jobs 2 --kernel attention_bwd_dkdv
+    python -m kernels.inspect --json rows.json --dump DIR --jobs 2 --kernel attention_bwd
 
 No GPU is needed: Triton compiles for a `GPUTarget` without one, and the wheel's `cuobjdump` reads the cubin.
 Per row (kernel, config, problem): registers per thread, spill bytes (the stack frame: ptxas spills to the stack,
