@@ -89,7 +89,7 @@ def test_forced_configs_reach_the_launch():
             attention_module.attention(q, q, q)
     torch.testing.assert_close(attention_module.attention(q, q, q), _reference(q, q, q, True).to(q.dtype))
     with pytest.raises(ValueError, match="unknown kernel"):
-        with attention_module.forced_configs(bwd=bad):
+        with attention_module.forced_configs(dq=bad):
             pass
 
 
