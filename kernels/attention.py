@@ -363,9 +363,12 @@ ALL_BLOCK_DS = (16, 32, 64, 128)
 # "dropout" / "no_dropout": with or without dropout), because its compiled code spills there
 # (bench/results/NOTES.md has the numbers).
 # forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds, skip)
-_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS, {"sm_80": (128,)}), (128, 64, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,)}),
-        (128, 128, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,)}), (64, 64, 4, 3, ALL_BLOCK_DS, {}),
-        (128, 32, 4, 4, ALL_BLOCK_DS, {"sm_80": (64,)}), (64, 32, 4, 4, ALL_BLOCK_DS, {})]
+# (with dropout at BLOCK_D=128, the mask's interleave needs shared memory and registers: M128 with 4 warps spills and
+# M128N128 outgrows shared memory)
+_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS, {"sm_80": (128,), "dropout": (128,)}),
+        (128, 64, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,)}),
+        (128, 128, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,), "dropout": (128,)}), (64, 64, 4, 3, ALL_BLOCK_DS, {}),
+        (128, 32, 4, 4, ALL_BLOCK_DS, {"sm_80": (64,), "dropout": (128,)}), (64, 32, 4, 4, ALL_BLOCK_DS, {})]
 # backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds, skip).
 # Walking 64 rows spills at BLOCK_D 64/128 (the S^T and dP^T tiles double); with dropout, the Philox state pushes
 # BLOCK_D=128 over 255 registers unless the walk is 16 rows.
