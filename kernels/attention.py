@@ -360,15 +360,16 @@ def _dropout_mask_kernel(Out, Seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BL
 ALL_BLOCK_DS = (16, 32, 64, 128)
 # An entry: its block sizes, num_warps, num_stages, the BLOCK_Ds it is shipped for, and `skip`: the BLOCK_Ds it is
 # not shipped for under a condition ("sm_80": on GPUs before Hopper, which take the pointer path and mma.sync;
-# "dropout" / "no_dropout": with or without dropout), because its compiled code spills there
+# "dropout" / "no_dropout": with or without dropout; "a+b": both), because its compiled code spills there
 # (bench/results/NOTES.md has the numbers).
 # forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds, skip)
 # (with dropout at BLOCK_D=128, the mask's interleave needs shared memory and registers: M128 with 4 warps spills and
 # M128N128 outgrows shared memory)
-_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS, {"sm_80": (128,), "dropout": (128,)}),
+_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS, {"sm_80": (128,), "dropout": (128,), "sm_80+dropout": (64,)}),
         (128, 64, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,)}),
-        (128, 128, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,), "dropout": (128,)}), (64, 64, 4, 3, ALL_BLOCK_DS, {}),
-        (128, 32, 4, 4, ALL_BLOCK_DS, {"sm_80": (64,), "dropout": (128,)}), (64, 32, 4, 4, ALL_BLOCK_DS, {})]
+        (128, 128, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,), "dropout": (128,), "sm_80+dropout": (64,)}),
+        (64, 64, 4, 3, ALL_BLOCK_DS, {"sm_80+dropout": (64,)}),
+        (128, 32, 4, 4, ALL_BLOCK_DS, {"sm_80": (64, 128), "dropout": (128,)}), (64, 32, 4, 4, ALL_BLOCK_DS, {})]
 # backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds, skip).
 # Walking 64 rows spills at BLOCK_D 64/128 (the S^T and dP^T tiles double); with dropout, the Philox state pushes
 # BLOCK_D=128 over 255 registers unless the walk is 16 rows.
@@ -408,8 +409,11 @@ def configs_for(configs, block_d, dropout=False, arch="sm_90"):
     """The entries of a config list shipped for this BLOCK_D, with or without dropout, on `arch` ("sm_90": Hopper
     and later, "sm_80": earlier GPUs): what the autotuner may choose on a GPU."""
     conditions = {"dropout" if dropout else "no_dropout"} | ({"sm_80"} if arch == "sm_80" else set())
-    return [c for c in configs if block_d in c["block_ds"]
-            and not any(block_d in c.get("skip", {}).get(cond, ()) for cond in conditions)]
+
+    def skipped(c):
+        return any(block_d in ds and set(cond.split("+")) <= conditions for cond, ds in c.get("skip", {}).items())
+
+    return [c for c in configs if block_d in c["block_ds"] and not skipped(c)]
 
 
 def _arch_of(device) -> str:
