@@ -362,21 +362,25 @@ ALL_BLOCK_DS = (16, 32, 64, 128)
 # not shipped for under a condition ("sm_80": on GPUs before Hopper, which take the pointer path and mma.sync;
 # "dropout" / "no_dropout": with or without dropout; "a+b": both), because its compiled code spills there
 # (bench/results/NOTES.md has the numbers).
-# forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds, skip)
-# (with dropout at BLOCK_D=128, the mask's interleave needs shared memory and registers: M128 with 4 warps spills and
-# M128N128 outgrows shared memory)
-_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS, {"sm_80": (128,), "dropout": (128,), "sm_80+dropout": (64,)}),
+# The lists are clean (0 spill bytes; wgmma only on sm_90) when compiled by Triton 3.9 and by 3.6 (the GPU
+# machine's version, which spills more: M128N64/4w at BLOCK_D=128, and every 4-warp backward with 64 owned rows at
+# BLOCK_D=128, are clean in 3.9 but spill 32-72 B in 3.6, so they are not shipped there).
+# forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds, skip). With dropout at
+# BLOCK_D=128 the mask's interleave needs shared memory and registers: M128 with 4 warps spills and M128N128
+# outgrows shared memory.
+_FWD = [(128, 64, 4, 3, (16, 32, 64), {"dropout": (64,)}),
         (128, 64, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,)}),
         (128, 128, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,), "dropout": (128,), "sm_80+dropout": (64,)}),
         (64, 64, 4, 3, ALL_BLOCK_DS, {"sm_80+dropout": (64,)}),
         (128, 32, 4, 4, ALL_BLOCK_DS, {"sm_80": (64, 128), "dropout": (128,)}), (64, 32, 4, 4, ALL_BLOCK_DS, {})]
 # backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds, skip).
-# Walking 64 rows spills at BLOCK_D 64/128 (the S^T and dP^T tiles double); with dropout, the Philox state pushes
-# BLOCK_D=128 over 255 registers unless the walk is 16 rows.
-_BWD = [(64, 32, 4, 2, ALL_BLOCK_DS, {"dropout": (128,)}),
-        (128, 32, 8, 2, ALL_BLOCK_DS, {"dropout": (128,), "sm_80": (128,)}),
+# Walking 64 rows spills at BLOCK_D 64/128 (the S^T and dP^T tiles double). At BLOCK_D=128 the dK and dV
+# accumulators alone take 128 registers a thread with 4 warps: 64 owned rows on 8 warps (two warpgroups splitting
+# the columns) halve that; with dropout the walk shrinks to 16 rows.
+_BWD = [(64, 32, 4, 2, (16, 32, 64), {}), (128, 32, 8, 2, (16, 32, 64), {}),
+        (64, 32, 8, 2, ALL_BLOCK_DS, {"dropout": (128,)}),
         (64, 64, 4, 2, (16, 32), {}), (128, 64, 8, 2, (16, 32), {}),
-        (64, 16, 4, 2, (128,), {"no_dropout": (128,)})]
+        (64, 16, 8, 2, (128,), {"no_dropout": (128,)})]
 FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
                for m, n, w, s, ds, skip in _FWD]
 BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
