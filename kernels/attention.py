@@ -287,24 +287,53 @@ def _dropout_mask_kernel(Out, seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BL
 # them under the interpreter, both reading these lists. Under the interpreter a launch uses INTERPRETER_CONFIG
 # (speed there is meaningless), chosen by the autotuner's pruning hook at launch time.
 #
-# Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_Ds it is shipped for). A config leaves the list for a
-# head dim when `python -m kernels.inspect` shows it spilling or off the tensor cores there (see README, "Kernel
-# inspection", and bench/results/inspect-sm_90.md).
+# Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages, the BLOCK_Ds it is shipped for without dropout, and with
+# dropout: the Philox draws keep more registers live). A config leaves a head dim when `python -m kernels.inspect`
+# shows it spilling, off the tensor cores (sm_90: mma.sync instead of wgmma) or over a limit there, on sm_90 or sm_80;
+# the autotuner's key holds BLOCK_D and DROPOUT, and its pruning hook applies these sets at launch. The configs that
+# went, and why: bench/results/inspect-sm_90.md.
 ALL_BLOCK_DS = (16, 32, 64, 128)
+UP_TO_64 = (16, 32, 64)
+NONE = ()
 
-_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS), (128, 64, 8, 3, ALL_BLOCK_DS), (128, 128, 8, 3, ALL_BLOCK_DS),
-        (64, 64, 4, 3, ALL_BLOCK_DS), (128, 32, 4, 4, ALL_BLOCK_DS), (64, 32, 4, 4, ALL_BLOCK_DS)]
-# backward: (the block a program walks over, the block it owns): dK/dV programs own BLOCK_N keys and walk BLOCK_M
-# queries; dQ programs own BLOCK_M queries and walk BLOCK_N keys
-_BWD = [(32, 128, 8, 3, ALL_BLOCK_DS), (32, 64, 4, 3, ALL_BLOCK_DS), (64, 64, 4, 3, ALL_BLOCK_DS),
-        (64, 128, 8, 2, ALL_BLOCK_DS)]
-DKDV_CONFIGS = [dict(BLOCK_M=walk, BLOCK_N=own, num_warps=w, num_stages=s, block_ds=ds)
-                for walk, own, w, s, ds in _BWD]
-DQ_CONFIGS = [dict(BLOCK_M=own, BLOCK_N=walk, num_warps=w, num_stages=s, block_ds=ds)
-              for walk, own, w, s, ds in _BWD]
-FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds) for m, n, w, s, ds in _FWD]
-INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
+_FWD = [
+    (128, 64, 4, 3, UP_TO_64, NONE),          # D=128: spills 296 B; dropout: spills (120 B at D=64)
+    (128, 64, 8, 3, ALL_BLOCK_DS, NONE),      # dropout: spills 8 B (D=64), 80 B (D=128)
+    (128, 128, 8, 3, UP_TO_64, NONE),         # D=128: 224 KB shared memory (sm_80 has 163 KB); dropout: spills
+    (64, 64, 4, 3, ALL_BLOCK_DS, NONE),       # dropout: spills 16 B (D=64), 144 B (D=128)
+    (128, 32, 4, 4, UP_TO_64, UP_TO_64),      # D=128: spills 72 B (232 B with dropout)
+    (64, 32, 4, 4, ALL_BLOCK_DS, ALL_BLOCK_DS),
+]
+# dQ programs own BLOCK_M queries and walk BLOCK_N keys
+_DQ = [
+    (128, 32, 8, 3, ALL_BLOCK_DS, ALL_BLOCK_DS),
+    (64, 32, 4, 3, ALL_BLOCK_DS, ALL_BLOCK_DS),
+    (64, 64, 4, 3, ALL_BLOCK_DS, UP_TO_64),   # D=128 with dropout: spills 16 B
+    (128, 64, 8, 2, ALL_BLOCK_DS, UP_TO_64),  # D=128 with dropout: spills 56 B
+]
+# dK/dV programs own BLOCK_N keys and walk BLOCK_M queries. No config is clean at D=128, nor at D=64 with dropout:
+# there the least bad one stays, M32xN64 (no spill but at D=128 with dropout, 16-120 B; its BLOCK_M=32 dots run on
+# mma.sync); the kernel redesign removes it. Dropped everywhere: M32xN128/8 warps (mma.sync, spills at D=128) and
+# M64xN128/8 warps/2 stages (spills 48-1768 B at every head dim).
+_DKDV = [
+    (64, 64, 4, 3, UP_TO_64, NONE),           # clean, on wgmma; dropout: spills 80-352 B
+    (32, 64, 4, 3, (128,), ALL_BLOCK_DS),     # the least bad where nothing is clean (see above)
+]
+FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds, dropout_block_ds=dds)
+               for m, n, w, s, ds, dds in _FWD]
+DQ_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds, dropout_block_ds=dds)
+              for m, n, w, s, ds, dds in _DQ]
+DKDV_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds, dropout_block_ds=dds)
+                for m, n, w, s, ds, dds in _DKDV]
+INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS,
+                          dropout_block_ds=ALL_BLOCK_DS)
 PREPROCESS_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # delta = rowsum(dO * O): no dot, no pipelining
+
+
+def configs_for(configs, block_d, dropout):
+    """The entries of a config list shipped for this BLOCK_D with or without dropout (what the autotuner may choose
+    from on a GPU)."""
+    return [c for c in configs if block_d in c["dropout_block_ds" if dropout else "block_ds"]]
 
 
 def _check_block_shapes(kernel, configs, multiple, of):
@@ -312,23 +341,28 @@ def _check_block_shapes(kernel, configs, multiple, of):
     multiple of BLOCK_M and is walked in steps of BLOCK_N, so BLOCK_M must be a multiple of BLOCK_N there;
     dK/dV is the transpose."""
     for c in configs:
-        if c[multiple] % c[of] or set(c["block_ds"]) - set(ALL_BLOCK_DS):
+        if c[multiple] % c[of]:
             raise ValueError(f"attention: {kernel} config {c} breaks the kernel's block-shape invariant: {multiple} "
-                             f"must be a multiple of {of}, and block_ds a subset of {ALL_BLOCK_DS}")
+                             f"must be a multiple of {of}")
+        if set(c["block_ds"]) - set(ALL_BLOCK_DS) or set(c["dropout_block_ds"]) - set(ALL_BLOCK_DS):
+            raise ValueError(f"attention: {kernel} config {c}: block_ds and dropout_block_ds must be subsets of "
+                             f"{ALL_BLOCK_DS}")
+    for dropout in (False, True):
+        for block_d in ALL_BLOCK_DS:
+            if configs and not configs_for(configs, block_d, dropout):
+                raise ValueError(f"attention: no {kernel} config is shipped for BLOCK_D={block_d}, "
+                                 f"dropout={dropout}")
 
 
-_check_block_shapes("forward", FWD_CONFIGS + [INTERPRETER_CONFIG], "BLOCK_M", "BLOCK_N")
-_check_block_shapes("dQ", DQ_CONFIGS + [INTERPRETER_CONFIG], "BLOCK_M", "BLOCK_N")
-_check_block_shapes("dK/dV", DKDV_CONFIGS + [INTERPRETER_CONFIG], "BLOCK_N", "BLOCK_M")
+_check_block_shapes("forward", FWD_CONFIGS, "BLOCK_M", "BLOCK_N")
+_check_block_shapes("dQ", DQ_CONFIGS, "BLOCK_M", "BLOCK_N")
+_check_block_shapes("dK/dV", DKDV_CONFIGS, "BLOCK_N", "BLOCK_M")
+_check_block_shapes("interpreter", [INTERPRETER_CONFIG], "BLOCK_M", "BLOCK_N")
+_check_block_shapes("interpreter", [INTERPRETER_CONFIG], "BLOCK_N", "BLOCK_M")
 
 
 def _block_d(D):
     return max(16, triton.next_power_of_2(D))
-
-
-def configs_for(configs, block_d):
-    """The entries of a config list shipped for this BLOCK_D (what the autotuner may choose on a GPU)."""
-    return [c for c in configs if block_d in c["block_ds"]]
 
 
 def _triton_config(c):
@@ -365,18 +399,20 @@ def _autotuned(name, fn, configs):
     def key(c):
         return c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]
 
-    block_ds = {key(c): c["block_ds"] for c in configs}  # looked up at launch time
+    entries = {key(c): c for c in configs}  # looked up at launch time
 
     def prune(triton_configs, named_args, **kwargs):
         if name in _FORCED:
             return [_triton_config(_FORCED[name])]
         if interpreting():
             return [_triton_config(INTERPRETER_CONFIG)]
-        block_d = {**named_args, **kwargs}["BLOCK_D"]
+        args = {**named_args, **kwargs}
+        shipped = configs_for(configs, args["BLOCK_D"], args["DROPOUT"])
         kept = [t for t in triton_configs
-                if block_d in block_ds[key({**t.kwargs, "num_warps": t.num_warps, "num_stages": t.num_stages})]]
+                if entries[key({**t.kwargs, "num_warps": t.num_warps, "num_stages": t.num_stages})] in shipped]
         if not kept:
-            raise ValueError(f"attention: no launch config is shipped for BLOCK_D={block_d}")
+            raise ValueError(f"attention: no launch config is shipped for BLOCK_D={args['BLOCK_D']}, "
+                             f"dropout={args['DROPOUT']}")
         return kept
 
     return triton.autotune([_triton_config(c) for c in configs], key=_AUTOTUNE_KEY,
@@ -558,7 +594,7 @@ def inspect_cases(problems=None):
         block_d = _block_d(D)
         common = dict(seed=12345, sm_scale=D ** -0.5, dropout_p=0.1 if dropout else 0.0)
         flags = dict(CAUSAL=causal, DROPOUT=dropout, BLOCK_D=block_d)
-        for c in configs_for(FWD_CONFIGS, block_d):
+        for c in configs_for(FWD_CONFIGS, block_d, dropout):
             cases.append(launch_case("attention_fwd", _attn_fwd, c, problem, dict(
                 Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32, **common,
                 **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv), **_strides("o", dense),
@@ -568,11 +604,11 @@ def inspect_cases(problems=None):
             BLOCK_D=block_d)))
         grads = dict(Q=dtype, K=dtype, V=dtype, DO=dtype)
         strides = {**_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv), **_strides("do", do)}
-        for c in configs_for(DKDV_CONFIGS, block_d):
+        for c in configs_for(DKDV_CONFIGS, block_d, dropout):
             cases.append(launch_case("attention_bwd_dkdv", _attn_bwd_dkdv, c, problem, dict(
                 **grads, DK=dtype, DV=dtype, LSE=torch.float32, Delta=torch.float32, **common, **strides,
                 **_strides("dk", dense), **_strides("dv", dense), H=H, Tq=T, Tk=T, D=D, **flags)))
-        for c in configs_for(DQ_CONFIGS, block_d):
+        for c in configs_for(DQ_CONFIGS, block_d, dropout):
             cases.append(launch_case("attention_bwd_dq", _attn_bwd_dq, c, problem, dict(
                 **grads, DQ=dtype, LSE=torch.float32, Delta=torch.float32, **common, **strides,
                 **_strides("dq", dense), H=H, Tq=T, Tk=T, D=D, **flags)))

@@ -34,10 +34,25 @@ def _attention_cases():
     for kernel, configs in (("fwd", attention_module.FWD_CONFIGS), ("dkdv", attention_module.DKDV_CONFIGS),
                             ("dq", attention_module.DQ_CONFIGS)):
         for config in configs:
-            for block_d in sorted(set(config["block_ds"]) & set(HEAD_DIM_FOR_BLOCK_D)):
-                cases.append(pytest.param(kernel, config, HEAD_DIM_FOR_BLOCK_D[block_d],
+            shipped = set(config["block_ds"]) | set(config["dropout_block_ds"])
+            for block_d in sorted(shipped & set(HEAD_DIM_FOR_BLOCK_D)):
+                cases.append(pytest.param(kernel, config, block_d,
                                           id=f"{kernel}-{_config_id(config)}-D{HEAD_DIM_FOR_BLOCK_D[block_d]}"))
     return cases
+
+
+def _problems(config, block_d, dtype):
+    """(Tq, Tk, causal, dropout_p) to run a config at: causal T=100 where it is shipped without dropout (and, in
+    float32, 45 queries x 100 keys, not causal); causal with dropout where it is shipped with dropout (float32, or
+    float16 when that is all it is shipped for)."""
+    problems = []
+    if block_d in config["block_ds"]:
+        problems.append((100, 100, True, 0.0))
+        if dtype == torch.float32:
+            problems.append((45, 100, False, 0.0))
+    if block_d in config["dropout_block_ds"] and (dtype == torch.float32 or not problems):
+        problems.append((100, 100, True, 0.25))
+    return problems
 
 
 def _reference(q, k, v, causal, keep=None, dropout_p=0.0):
@@ -53,12 +68,11 @@ def _reference(q, k, v, causal, keep=None, dropout_p=0.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kernel, config, head_dim", _attention_cases())
-def test_attention_config(kernel, config, head_dim, dtype):
-    """Causal, T=100; and (float32) cross-attention 45 queries x 100 keys with dropout: each config's output (fwd)
-    or its gradients (dK/dV, dQ) against float64."""
-    problems = [(100, 100, True, 0.0)] + ([(45, 100, False, 0.25)] if dtype == torch.float32 else [])
-    for Tq, Tk, causal, dropout_p in problems:
+@pytest.mark.parametrize("kernel, config, block_d", _attention_cases())
+def test_attention_config(kernel, config, block_d, dtype):
+    """Each config's output (fwd) or gradients (dK/dV, dQ) against float64, at the problems of _problems."""
+    head_dim = HEAD_DIM_FOR_BLOCK_D[block_d]
+    for Tq, Tk, causal, dropout_p in _problems(config, block_d, dtype):
         torch.manual_seed(0)
         q = torch.randn(1, 2, Tq, head_dim, dtype=dtype, device=DEVICE, requires_grad=True)
         k, v = (torch.randn(1, 2, Tk, head_dim, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
@@ -98,7 +112,7 @@ def test_forced_configs_reach_the_launch():
 def test_block_shape_invariant_is_enforced(kernel, multiple, of):
     """The kernels' loops need BLOCK_M a multiple of BLOCK_N (forward, dQ) or the reverse (dK/dV): a config that
     breaks it is refused where the lists are built, loudly."""
-    bad = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, block_ds=(64,))
+    bad = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, block_ds=(64,), dropout_block_ds=(64,))
     bad[of] = 128
     with pytest.raises(ValueError, match=f"{multiple} must be a multiple of {of}"):
         attention_module._check_block_shapes(kernel, [bad], multiple, of)
@@ -109,9 +123,14 @@ def test_block_shape_invariant_is_enforced(kernel, multiple, of):
 
 
 def test_every_head_dim_has_a_config():
+    """Pruning left every (BLOCK_D, dropout) at least one config, and one with nothing is refused at import."""
     for configs in (attention_module.FWD_CONFIGS, attention_module.DKDV_CONFIGS, attention_module.DQ_CONFIGS):
         for block_d in attention_module.ALL_BLOCK_DS:
-            assert attention_module.configs_for(configs, block_d), block_d
+            for dropout in (False, True):
+                assert attention_module.configs_for(configs, block_d, dropout), (block_d, dropout)
+    only_64 = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, block_ds=(64,), dropout_block_ds=(64,))
+    with pytest.raises(ValueError, match="no forward config is shipped for BLOCK_D=16"):
+        attention_module._check_block_shapes("forward", [only_64], "BLOCK_M", "BLOCK_N")
 
 
 # ------------------------------------------------------------------------------------------------ LayerNorm, GELU
