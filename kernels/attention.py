@@ -401,6 +401,16 @@ def _check_block_shapes(kind, configs):
                              f"be a multiple of {walk}, {walk} of 16, and block_ds a subset of {ALL_BLOCK_DS}")
 
 
+def _check_coverage(kind, configs):
+    """Every (BLOCK_D, dropout, arch) keeps at least one GPU config after the skips."""
+    for block_d in ALL_BLOCK_DS:
+        for dropout in (False, True):
+            for arch in ("sm_90", "sm_80"):
+                if not configs_for(configs, block_d, dropout, arch):
+                    raise ValueError(f"attention: no {kind} config is shipped for BLOCK_D={block_d}, "
+                                     f"dropout={dropout} on {arch}")
+
+
 _check_block_shapes("fwd", FWD_CONFIGS + [INTERPRETER_FWD_CONFIG])
 _check_block_shapes("bwd", BWD_CONFIGS + [INTERPRETER_BWD_CONFIG])
 
@@ -418,6 +428,10 @@ def configs_for(configs, block_d, dropout=False, arch="sm_90"):
         return any(block_d in ds and set(cond.split("+")) <= conditions for cond, ds in c.get("skip", {}).items())
 
     return [c for c in configs if block_d in c["block_ds"] and not skipped(c)]
+
+
+_check_coverage("fwd", FWD_CONFIGS)
+_check_coverage("bwd", BWD_CONFIGS)
 
 
 def _arch_of(device) -> str:

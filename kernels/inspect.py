@@ -225,7 +225,14 @@ def inspect(arch="sm_90", kernels=None, jobs=2, dump=None, select=None):
     # forked workers inherit the cases (jit functions do not pickle) and are handed indices
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(cases,)) as pool:
-        return list(pool.map(_worker_compile, range(len(cases)), [arch] * len(cases), [dump] * len(cases)))
+        rows = []
+        for row in pool.map(_worker_compile, range(len(cases)), [arch] * len(cases), [dump] * len(cases)):
+            rows.append(row)
+            if sys.stderr.isatty():
+                print(f"\rcompiled {len(rows)}/{len(cases)}", end="", file=sys.stderr, flush=True)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        return rows
 
 
 # ------------------------------------------------------------------------------------------------ checking
@@ -295,6 +302,20 @@ def summary(rows):
             f"exceed the limits; {sum(1 for r in rows if over_limits(r))} exceed the limits")
 
 
+def markdown_report(rows, args, argv):
+    import triton
+    from datetime import datetime, timezone
+    command = " ".join(["python -m kernels.inspect", *(sys.argv[1:] if argv is None else argv)])
+    return "\n".join([
+        f"# {args.title or 'Kernel inspection, ' + args.arch}", "",
+        f"- command: `{command}`",
+        f"- compiled for {args.arch} on the CPU (no GPU) with triton {triton.__version__}, "
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}",
+        "- columns: registers per thread; spill bytes (the stack frame); shared memory; the MMA instructions in the "
+        "PTX; TMA loads; theoretical CTAs per SM; note: why the row is flagged (spills, dots off wgmma, limits)",
+        f"- {summary(rows)}", "", table(rows, markdown=True)])
+
+
 def _error(message):
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -307,6 +328,8 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help='write {"rows": [...]} to FILE')
     parser.add_argument("--dump", metavar="DIR", help="write each row's <id>.cubin and <id>.ptx into DIR")
     parser.add_argument("--markdown", metavar="FILE", help="write the table as Markdown to FILE")
+    parser.add_argument("--title", default=None, help="the Markdown file's heading")
+    parser.add_argument("--from-json", metavar="FILE", help="render the rows of an earlier --json instead of compiling")
     parser.add_argument("--kernel", action="append", help="only this kernel (repeatable), e.g. attention_fwd")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     args = parser.parse_args(argv)
@@ -325,13 +348,20 @@ def main(argv=None):
     if args.dump:
         Path(args.dump).mkdir(parents=True, exist_ok=True)
 
-    rows = inspect(args.arch, args.kernel, args.jobs, args.dump)
+    if args.from_json:
+        if not Path(args.from_json).is_file():
+            return _error(f"{args.from_json} does not exist")
+        rows = [r for r in json.loads(Path(args.from_json).read_text())["rows"]
+                if not args.kernel or r["kernel"] in args.kernel]
+        args.arch = rows[0]["arch"] if rows else args.arch
+    else:
+        rows = inspect(args.arch, args.kernel, args.jobs, args.dump)
     print(table(rows))
     print(summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(table(rows, markdown=True) + "\n")
+        Path(args.markdown).write_text(markdown_report(rows, args, argv) + "\n")
     failed = [r for r in rows if over_limits(r)]
     for r in failed:
         print(f"over the {r['arch']} limits: {r['id']}: {over_limits(r)}", file=sys.stderr)

@@ -35,9 +35,28 @@ def _attention_cases():
     for kernel, configs in (("fwd", attention_module.FWD_CONFIGS), ("bwd", attention_module.BWD_CONFIGS)):
         for config in configs:
             for block_d in sorted(set(config["block_ds"]) & set(HEAD_DIM_FOR_BLOCK_D)):
-                cases.append(pytest.param(kernel, config, HEAD_DIM_FOR_BLOCK_D[block_d],
+                cases.append(pytest.param(kernel, config, block_d,
                                           id=f"{kernel}-{_config_id(config)}-D{HEAD_DIM_FOR_BLOCK_D[block_d]}"))
     return cases
+
+
+def _shipped(kernel, config, block_d, dropout):
+    configs = attention_module.FWD_CONFIGS if kernel == "fwd" else attention_module.BWD_CONFIGS
+    return any(config in attention_module.configs_for(configs, block_d, dropout, arch) for arch in ("sm_90", "sm_80"))
+
+
+def _problems(kernel, config, block_d, dtype):
+    """(Tq, Tk, causal, dropout_p) to run a config at: causal T=100 where it is shipped without dropout (and, in
+    float32, 45 queries x 100 keys, not causal); causal with dropout where it is shipped with dropout (float32, or
+    float16 when that is all it is shipped for)."""
+    problems = []
+    if _shipped(kernel, config, block_d, False):
+        problems.append((100, 100, True, 0.0))
+        if dtype == torch.float32:
+            problems.append((45, 100, False, 0.0))
+    if _shipped(kernel, config, block_d, True) and (dtype == torch.float32 or not problems):
+        problems.append((100, 100, True, 0.25))
+    return problems
 
 
 def _reference(q, k, v, causal, keep=None, dropout_p=0.0):
@@ -53,12 +72,12 @@ def _reference(q, k, v, causal, keep=None, dropout_p=0.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kernel, config, head_dim", _attention_cases())
-def test_attention_config(kernel, config, head_dim, dtype):
-    """Causal, T=100; and (float32) cross-attention 45 queries x 100 keys with dropout: each config's output (fwd)
-    or its gradients (the one-launch backward: dQ, dK, dV) against float64."""
-    problems = [(100, 100, True, 0.0)] + ([(45, 100, False, 0.25)] if dtype == torch.float32 else [])
-    for Tq, Tk, causal, dropout_p in problems:
+@pytest.mark.parametrize("kernel, config, block_d", _attention_cases())
+def test_attention_config(kernel, config, block_d, dtype):
+    """Each config's output (fwd) or gradients (the one-launch backward: dQ, dK, dV) against float64, at the
+    problems of _problems."""
+    head_dim = HEAD_DIM_FOR_BLOCK_D[block_d]
+    for Tq, Tk, causal, dropout_p in _problems(kernel, config, block_d, dtype):
         torch.manual_seed(0)
         q = torch.randn(1, 2, Tq, head_dim, dtype=dtype, device=DEVICE, requires_grad=True)
         k, v = (torch.randn(1, 2, Tk, head_dim, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
@@ -106,11 +125,16 @@ def test_block_shape_invariant_is_enforced(kind, own, walk):
 
 
 def test_every_head_dim_has_a_config():
+    """The skips left every (BLOCK_D, dropout, arch) at least one config, and a list with none is refused at
+    import."""
     for configs in (attention_module.FWD_CONFIGS, attention_module.BWD_CONFIGS):
         for block_d in attention_module.ALL_BLOCK_DS:
             for dropout in (False, True):
                 for arch in ("sm_90", "sm_80"):
                     assert attention_module.configs_for(configs, block_d, dropout, arch), (block_d, dropout, arch)
+    only_64 = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, block_ds=(64,), skip={})
+    with pytest.raises(ValueError, match="no fwd config is shipped for BLOCK_D=16"):
+        attention_module._check_coverage("fwd", [only_64])
 
 
 # ------------------------------------------------------------------------------------------------ LayerNorm, GELU
