@@ -72,14 +72,22 @@ def offending(rows, allowed=ALLOWED):
             if over_limits(r) or (problems_of(r) and allow_key(r) not in allowed)]
 
 
+def _compiled(shipped, rows):
+    """A row compiled this shipped (kernel, config, head dim, dropout): the rows' configs also carry the launch
+    defaults the compiler filled in (num_stages where a launch names none), so the shipped config is a subset."""
+    kernel, config, head_dim, dropout = shipped
+    config = json.loads(config)
+    return any(r["kernel"] == kernel and r["problem"].get("head_dim") == head_dim
+               and r["problem"].get("dropout") == dropout and all(r["config"].get(k) == v for k, v in config.items())
+               for r in rows)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_shipped_configs_are_clean(inspected, arch):
     rows = inspected["rows"][arch]
     bad = offending(rows)
     assert not bad, "\n".join(f"{i}: {'; '.join(why)}" for i, why in bad)
-    compiled = {(r["kernel"], json.dumps(r["config"], sort_keys=True), r["problem"].get("head_dim"),
-                 r["problem"].get("dropout")) for r in rows}
-    missing = [s for s in map(tuple, inspected["shipped"][arch]) if s not in compiled]
+    missing = [s for s in map(tuple, inspected["shipped"][arch]) if not _compiled(s, rows)]
     assert not missing, f"shipped configs not compiled by this test: {missing}"
 
 
