@@ -297,24 +297,25 @@ UP_TO_64 = (16, 32, 64)
 NONE = ()
 
 _FWD = [
-    (128, 64, 4, 3, UP_TO_64, NONE),          # D=128: spills 296 B; dropout: spills (120 B at D=64)
-    (128, 64, 8, 3, ALL_BLOCK_DS, NONE),      # dropout: spills 8 B (D=64), 80 B (D=128)
-    (128, 128, 8, 3, UP_TO_64, NONE),         # D=128: 224 KB shared memory (sm_80 has 163 KB); dropout: spills
+    (128, 64, 4, 3, UP_TO_64, NONE),          # D=128: spills 288-296 B (sm_90), 360-384 B (sm_80); dropout: spills
+    (128, 64, 8, 3, UP_TO_64, NONE),          # D=128: spills 16 B on sm_80; dropout: spills 8-80 B
+    (128, 128, 8, 3, UP_TO_64, NONE),         # D=128: 224 KB shared memory on sm_90, spills 16-40 B on sm_80;
+                                              # dropout: spills 40-816 B
     (64, 64, 4, 3, ALL_BLOCK_DS, NONE),       # dropout: spills 16 B (D=64), 144 B (D=128)
-    (128, 32, 4, 4, UP_TO_64, UP_TO_64),      # D=128: spills 72 B (232 B with dropout)
     (64, 32, 4, 4, ALL_BLOCK_DS, ALL_BLOCK_DS),
-]
+]   # dropped: 128x32/4 warps/4 stages: spills 72-232 B at D=128 on sm_90, 8-16 B at D=64 on sm_80
 # dQ programs own BLOCK_M queries and walk BLOCK_N keys
 _DQ = [
     (128, 32, 8, 3, ALL_BLOCK_DS, ALL_BLOCK_DS),
     (64, 32, 4, 3, ALL_BLOCK_DS, ALL_BLOCK_DS),
-    (64, 64, 4, 3, ALL_BLOCK_DS, UP_TO_64),   # D=128 with dropout: spills 16 B
-    (128, 64, 8, 2, ALL_BLOCK_DS, UP_TO_64),  # D=128 with dropout: spills 56 B
+    (64, 64, 4, 3, ALL_BLOCK_DS, NONE),       # dropout: spills 16 B at D=128 (sm_90), 56-64 B at D=64 (sm_80)
+    (128, 64, 8, 2, UP_TO_64, NONE),          # D=128: spills 16-56 B on sm_80, 48-56 B on sm_90 with dropout;
+                                              # D=64 with dropout: triton 3.6 spills 32 B (sm_90), 200 B (sm_80)
 ]
 # dK/dV programs own BLOCK_N keys and walk BLOCK_M queries. No config is clean at D=128, nor at D=64 with dropout:
-# there the least bad one stays, M32xN64 (no spill but at D=128 with dropout, 16-120 B; its BLOCK_M=32 dots run on
-# mma.sync); the kernel redesign removes it. Dropped everywhere: M32xN128/8 warps (mma.sync, spills at D=128) and
-# M64xN128/8 warps/2 stages (spills 48-1768 B at every head dim).
+# there the least bad one stays, M32xN64 (sm_90: no spill but at D=128 with dropout, 16-120 B; sm_80: 8-24 B; its
+# BLOCK_M=32 dots run on mma.sync); the kernel redesign removes it. Dropped everywhere: M32xN128/8 warps (mma.sync,
+# spills at D=128) and M64xN128/8 warps/2 stages (spills 48-1768 B at every head dim).
 _DKDV = [
     (64, 64, 4, 3, UP_TO_64, NONE),           # clean, on wgmma; dropout: spills 80-352 B
     (32, 64, 4, 3, (128,), ALL_BLOCK_DS),     # the least bad where nothing is clean (see above)

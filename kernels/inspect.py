@@ -98,6 +98,9 @@ def launch_case(kernel, fn, config, problem, args):
 def collect(kernels=None, select=None):
     """Every case of every module in MODULES (those of the named kernels only, if given; those for which
     select(case) is true, if given)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("kernels.inspect compiles for a GPU target: TRITON_INTERPRET must be unset before triton is "
+                           "imported (python -m kernels.inspect re-executes itself without it)")
     cases = []
     for name in MODULES:
         module = importlib.import_module(name)
