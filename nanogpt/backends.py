@@ -1,6 +1,9 @@
-"""The backend registry: one name -> the attention, LayerNorm and GELU a Block uses.
+"""The kernel backend registry: one name -> the attention, LayerNorm and GELU kernels the model runs.
 
-Adding a backend is one `register_backend` call; the model never branches on the name.
+The config key that picks one is `attn` (nanoGPT's name, kept for its users), but a kernel backend selects
+every kernel of the model, not only attention. Adding a backend is one `register_backend` call; the model
+never branches on the name. Each implementation has one name everywhere (registry, benchmarks, reports):
+naive (plain tensor math), sdpa (PyTorch's F.* functions), triton (kernels/).
 
 Every backend implements the same three functions:
     attention(q, k, v, dropout_p) -> y     q, k, v: (B, H, T, D), causal, scale 1/sqrt(D)
@@ -13,6 +16,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from nanogpt.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,13 +39,23 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     _LOADED.pop(name, None)
 
 
+def unregister_backend(name: str) -> None:
+    _REGISTRY.pop(name, None)
+    _LOADED.pop(name, None)
+
+
 def available_backends() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_backend(name: str) -> Backend:
+def check_backend_name(name: str) -> None:
+    """The one check of a kernel backend name, without importing the backend (triton) yet."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(available_backends())}")
+        raise ConfigError(f"unknown kernel backend attn={name!r}: choose one of {', '.join(available_backends())}")
+
+
+def get_backend(name: str) -> Backend:
+    check_backend_name(name)
     if name not in _LOADED:
         _LOADED[name] = _REGISTRY[name]()
     return _LOADED[name]

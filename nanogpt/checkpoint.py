@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read without running pickled code, checked against the model they feed.
+"""Checkpoint files: written atomically, read without running pickled code. File I/O only: building a model from
+a checkpoint is nanogpt/loading.py's job.
 
 A checkpoint is a dict: model, optimizer, scaler, model_args, iter_num, best_val_loss, config, rng
 (python, numpy, torch, cuda) and sampler (the batch sampler's generator state): everything a run needs
@@ -12,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanogpt.errors import CheckpointError
+
 REQUIRED_KEYS = ("model", "model_args")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or does not fit the model or data at hand."""
 
 
 def save_checkpoint(obj, path) -> None:
@@ -81,23 +80,6 @@ def check_model_args(ckpt_args: dict, expected: dict, source) -> None:
     diffs = [f"{k}: checkpoint {ckpt_args.get(k)!r} vs {v!r}" for k, v in expected.items() if ckpt_args.get(k) != v]
     if diffs:
         raise CheckpointError(f"{source} does not fit this model/data ({'; '.join(diffs)})")
-
-
-def model_from_checkpoint(ckpt: dict, source, attn=None, dropout=None):
-    """Build a GPT from a checkpoint; attn/dropout may be chosen anew, the shape may not."""
-    from nanogpt.model import GPT, GPTConfig
-    args = dict(ckpt["model_args"])
-    if attn:
-        args["attn"] = attn
-    if dropout is not None:
-        args["dropout"] = dropout
-    model = GPT(GPTConfig(**args))
-    state_dict = clean_state_dict(ckpt["model"])
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise CheckpointError(f"{source}: its weights do not fit its model_args ({str(e).splitlines()[0]})") from None
-    return model
 
 
 # ------------------------------------------------------------------------------------------------

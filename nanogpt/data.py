@@ -17,17 +17,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanogpt.errors import DataError
+
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATASETS = ("shakespeare_char", "shakespeare", "openwebtext")
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
 
 
-class DataError(ValueError):
-    """A dataset that is missing, truncated or does not fit the model."""
-
-
 def data_root() -> Path:
+    """Where datasets live: $NANOGPT_DATA, else the repository's data/."""
     return Path(os.environ.get("NANOGPT_DATA", DEFAULT_DATA_ROOT))
+
+
+def dataset_dir(name: str, source: str = "the config") -> Path:
+    """data_root() / name, for a plain folder name only. The name may come from a file someone else wrote (a
+    checkpoint's config), so it must not reach outside the data root: no absolute path, separator or '..'."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name
+            or (os.altsep and os.altsep in name) or "\0" in name):
+        raise DataError(f"dataset={name!r} (from {source}) is not a plain folder name under {data_root()}: no "
+                        f"absolute path, '..' or path separator; to use another folder, set NANOGPT_DATA to the "
+                        f"folder that holds it")
+    return data_root() / name
 
 
 # ------------------------------------------------------------------------------------------------

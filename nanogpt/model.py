@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt.backends import get_backend
+from nanogpt.backends import check_backend_name, get_backend
+from nanogpt.errors import ConfigError
 
 
 @dataclass
@@ -24,16 +25,17 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
-    attn: str = "sdpa"  # backend name: naive | sdpa | triton (see nanogpt/backends.py)
+    attn: str = "sdpa"  # kernel backend (attention, LayerNorm, GELU): naive | sdpa | triton (nanogpt/backends.py)
     gelu: str = "none"  # "none": exact erf GELU (nanoGPT); "tanh": the approximation GPT-2 was trained with
 
     def __post_init__(self):
+        # the model's own checks, in one place: the training and sampling configs build a GPTConfig to run them
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                             f"choose n_embd as a multiple of n_head")
-        get_backend(self.attn)  # an unknown name fails here, listing the known ones
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                              f"choose n_embd as a multiple of n_head")
+        check_backend_name(self.attn)  # an unknown name fails here, listing the known ones
         if self.gelu not in ("none", "tanh"):
-            raise ValueError(f"gelu={self.gelu!r}: choose 'none' (exact) or 'tanh'")
+            raise ConfigError(f"gelu={self.gelu!r}: choose 'none' (exact) or 'tanh'")
 
 
 class LayerNorm(nn.Module):
@@ -185,8 +187,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
+        """nanoGPT's entry point. nanogpt/pretrained.py reads the files and never imports this module."""
         from nanogpt.pretrained import load_gpt2
-        return load_gpt2(cls, name_or_path, override_args)
+        return load_gpt2(lambda args: cls(GPTConfig(**args)), name_or_path, override_args)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -229,7 +232,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  generator=None):
-        """Continue each sequence of idx (b, t) by max_new_tokens tokens (see nanogpt/generate.py)."""
+        """nanoGPT's entry point: continue each sequence of idx (b, t) by max_new_tokens tokens.
+        nanogpt/generate.py works on any model and never imports this module."""
         from nanogpt.generate import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         use_cache=use_cache, generator=generator)

@@ -1,13 +1,16 @@
+import os
 import random
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
-from conftest import ROOT
-from nanogpt.checkpoint import clean_state_dict, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from helpers import ROOT
+from nanogpt.checkpoint import (CheckpointError, clean_state_dict, load_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state)
 
 WRITER = """
 import sys, torch
@@ -72,3 +75,13 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 def test_clean_state_dict_strips_compile_and_ddp_prefixes():
     sd = {"_orig_mod.a": 1, "module._orig_mod.b": 2, "c": 3}
     assert clean_state_dict(sd) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    torch.save({"model": {}, "model_args": {}, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a readable nanogpt checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLE_TEXT, write_tokens
+from helpers import SAMPLE_TEXT, write_tokens
 from nanogpt.data import BatchLoader, DataError, prepare, prepare_bpe, prepare_char, shakespeare_text
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE
+from helpers import DEVICE
 from kernels import attention, gelu, layer_norm
 from kernels.attention import _attention_fwd_op
 from kernels.gelu import _gelu_fwd_op

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE
+from helpers import DEVICE
 from kernels.testing import REDUCTION_FACTOR, TOLERANCE as TOLERANCES, relative_error
 from kernels import layer_norm
 

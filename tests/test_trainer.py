@@ -8,27 +8,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT, run, tiny_config
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import TrainConfig
 from nanogpt.trainer import Trainer, TrainingDiverged, get_lr
-
-
-def tiny_config(out_dir, **overrides):
-    base = dict(dataset="tiny_char", out_dir=str(out_dir), device="cpu", dtype="float32", compile=False,
-                n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, gradient_accumulation_steps=1,
-                max_iters=100, lr_decay_iters=100, warmup_iters=10, learning_rate=3e-3, min_lr=3e-4,
-                eval_interval=50, eval_iters=4, log_interval=1, beta2=0.99, dropout=0.0, bias=False)
-    base.update(overrides)
-    return TrainConfig(**base)
-
-
-def run(cfg, logs=None):
-    trainer = Trainer(cfg, log=(logs.append if logs is not None else lambda *_: None))
-    try:
-        return trainer, trainer.train()
-    finally:
-        trainer.close()
 
 
 def test_training_lowers_the_loss_and_resume_continues(char_dataset, tmp_path):
@@ -119,7 +102,7 @@ def test_missing_dataset_error_names_the_command(data_dir, tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--dataset=openwebtext", "--device=cpu", "--n_layer=1",
                         "--n_head=1", "--n_embd=16", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "NANOGPT_DATA": str(data_dir)})
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "error:" in r.stderr and "prepare the dataset first (python -m nanogpt.data openwebtext)" in r.stderr
 
 

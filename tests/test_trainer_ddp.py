@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
-from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
+from helpers import ROOT
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.loading import model_from_checkpoint
 from nanogpt.data import BatchLoader
 
 pytestmark = pytest.mark.slow
