@@ -27,3 +27,7 @@ class PretrainedError(UserError):
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or Inf (the fix: a lower learning rate, more warmup, another dtype)."""
+
+
+class OutDirInUse(UserError):
+    """Another training run holds the out_dir (its checkpoints would be overwritten by this one)."""

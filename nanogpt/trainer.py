@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt.checkpoint import check_model_args, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from nanogpt.checkpoint import (OutDirLock, check_model_args, load_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state)
 from nanogpt.config import TrainConfig, validate_train
 from nanogpt.data import BatchLoader, dataset_dir, load_meta
 from nanogpt.errors import CheckpointError, TrainingDiverged
@@ -73,6 +74,16 @@ class Trainer:
         if not self.master:
             self.log = lambda *args: None  # only rank 0 speaks
         self.out_dir = Path(cfg.out_dir)
+        # one training run per out_dir, before any work: rank 0 holds the lock for the job (eval_only writes nothing)
+        self._out_dir_lock = OutDirLock(self.out_dir).acquire() if self.master and not cfg.eval_only else None
+        try:
+            self._build()
+        except BaseException:
+            self._release_out_dir()
+            raise
+
+    def _build(self):
+        cfg = self.cfg
         self.grad_accum = cfg.gradient_accumulation_steps // self.world_size
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
 
@@ -395,7 +406,13 @@ class Trainer:
         self._barrier()
         return {"stopped": True, "iter_num": self.iter_num, "history": self.history}
 
+    def _release_out_dir(self):
+        if self._out_dir_lock is not None:
+            self._out_dir_lock.release()
+            self._out_dir_lock = None
+
     def close(self):
+        self._release_out_dir()
         if self.ddp:
             import torch.distributed as dist
             dist.destroy_process_group()
