@@ -53,3 +53,39 @@ def test_compile_true_in_training_then_sample_without(char_dataset, tmp_path):
     assert not any(k.startswith("_orig_mod.") for k in load_checkpoint(out / "ckpt.pt")["model"])
     r = sample(out, "--num_samples=1", "--max_new_tokens=5", "--start=A", data=char_dataset.parent)
     assert r.returncode == 0, r.stderr
+
+
+class _System:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return (os.system, (self.command,))
+
+
+def test_a_shared_checkpoint_and_meta_pkl_run_no_code(trained, char_dataset, tmp_path):
+    """A checkpoint whose config.dataset points at a folder with a crafted meta.pkl: sample.py refuses the name
+    (absolute path) or the pickle (a plain name under the data root), and the command never runs."""
+    import pickle
+
+    import torch
+    marker = tmp_path / "pwned"
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    for dataset, message in [
+        (str(tmp_path / "shared"), f"dataset='{tmp_path / 'shared'}' (from the checkpoint's config.dataset) is not a "
+                                   f"plain folder name under {char_dataset.parent}"),
+        ("../shared", "dataset='../shared' (from the checkpoint's config.dataset) is not a plain folder name"),
+        ("shared", f"{char_dataset.parent / 'shared' / 'meta.pkl'} is not a plain vocabulary (it names the global "),
+    ]:
+        for folder in (tmp_path / "shared", char_dataset.parent / "shared"):
+            folder.mkdir(exist_ok=True)
+            (folder / "meta.pkl").write_bytes(pickle.dumps(_System(f"touch {marker}")))
+        ckpt["config"]["dataset"] = dataset
+        out = tmp_path / "ckpt-from-elsewhere"
+        out.mkdir(exist_ok=True)
+        torch.save(ckpt, out / "ckpt.pt")
+        r = sample(out, "--max_new_tokens=3", "--num_samples=1", data=char_dataset.parent)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith("error: " + message), r.stderr
+        assert not marker.exists()
