@@ -22,6 +22,7 @@ from nanogpt.data import BatchLoader, dataset_dir, load_meta
 from nanogpt.errors import CheckpointError, TrainingDiverged
 from nanogpt.loading import model_from_checkpoint, model_from_pretrained
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.pretrained import resolve_folder
 from nanogpt.runtime import setup_runtime
 
 MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "attn", "gelu")
@@ -92,6 +93,8 @@ class Trainer:
         self.device, self.device_type, self.dtype = rt.device, rt.device_type, rt.dtype
         self.autocast = rt.autocast
 
+        if cfg.init_from not in ("scratch", "resume"):
+            resolve_folder(cfg.init_from)  # GPT-2 weights first: without them (offline), fail before preparing data
         self.data_dir = dataset_dir(cfg.dataset)
         self._ensure_dataset()
         meta = load_meta(self.data_dir)

@@ -1,7 +1,7 @@
 """sample.py and nanogpt/sampling.py: a trained checkpoint (or GPT-2 weights) sampled from the command line."""
 import pytest
 
-from helpers import ROOT, run, run_command, tiny_config
+from helpers import run, run_command, tiny_config
 from nanogpt.checkpoint import load_checkpoint
 
 
