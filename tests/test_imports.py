@@ -117,3 +117,14 @@ def write_package(root: Path, files: dict[str, str]):
 def test_the_cycle_finder_sees_a_planted_cycle(tmp_path, files, expected):
     write_package(tmp_path, files)
     assert find_cycles(module_imports(tmp_path)) == expected
+
+
+def test_tests_import_helpers_never_other_test_files():
+    """Shared test code lives in helpers.py (fixtures in conftest.py, which pytest loads by itself)."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name} imports {n}" for n in names if n.startswith(("test_", "conftest"))]
+    assert not offenders, offenders
