@@ -36,6 +36,9 @@ def data_root() -> Path:
 def dataset_dir(name: str, source: str = "the config") -> Path:
     """data_root() / name, for a plain folder name only. The name may come from a file someone else wrote (a
     checkpoint's config), so it must not reach outside the data root: no absolute path, separator or '..'."""
+    if not isinstance(name, str):
+        raise DataError(f"dataset={name!r} (from {source}) is not a folder name: give a plain folder name under "
+                        f"{data_root()}")
     if (not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name
             or (os.altsep and os.altsep in name) or "\0" in name):
         raise DataError(f"dataset={name!r} (from {source}) is not a plain folder name under {data_root()}: no "

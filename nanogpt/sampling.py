@@ -18,7 +18,8 @@ from nanogpt.runtime import setup_runtime
 
 def load_codec(ckpt):
     """(encode, decode): the dataset's character vocabulary when it has meta.pkl, else GPT-2 BPE."""
-    dataset = (ckpt or {}).get("config", {}).get("dataset")
+    config = (ckpt or {}).get("config")
+    dataset = config.get("dataset") if isinstance(config, dict) else None
     # a checkpoint may come from anywhere: its dataset name is checked like one typed on the command line
     meta = load_meta(dataset_dir(dataset, "the checkpoint's config.dataset")) if dataset else None
     if meta is not None:

@@ -221,13 +221,13 @@ def test_meta_pkl_that_is_no_vocabulary(tmp_path, content, why):
     assert why in str(e.value)
 
 
-BAD_NAMES = ["/etc", "../elsewhere", "a/b", "..", "sub\\dir", ""]
+BAD_NAMES = ["/etc", "../elsewhere", "a/b", "..", "sub\\dir", "", ".", "a\0b", 7, ["x"]]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_dataset_names_are_plain_folder_names(name, data_dir):
     from nanogpt.data import dataset_dir
-    with pytest.raises(DataError, match="is not a plain folder name under .*set NANOGPT_DATA"):
+    with pytest.raises(DataError, match="is not a (plain )?folder name"):
         dataset_dir(name, "the checkpoint's config.dataset")
     assert dataset_dir("shakespeare_char") == data_dir / "shakespeare_char"
 
