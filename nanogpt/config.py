@@ -46,7 +46,7 @@ class TrainConfig:
     wandb_project: str = option("owt", "wandb project")
     wandb_run_name: str = option("gpt2", "wandb run name")
     # data
-    dataset: str = option("openwebtext", "a plain folder name under data/ (or $NANOGPT_DATA) holding train.bin and val.bin")
+    dataset: str = option("openwebtext", "folder name under data/ (or $NANOGPT_DATA) with train.bin, val.bin")
     gradient_accumulation_steps: int = option(5 * 8, "micro-steps per optimizer step (whole job, split across ranks)")
     batch_size: int = option(12, "sequences per micro-step and rank")
     block_size: int = option(1024, "context length")
