@@ -245,8 +245,10 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def _not_a_vocabulary(path, why) -> DataError:
+    name = Path(path).parent.name
+    fix = f"python -m nanogpt.data {name}" if name in DATASETS else "from its text, with prepare_char"
     return DataError(f"{path} is not a plain vocabulary ({why}): it was not loaded, since a pickle can run code; "
-                     f"delete it and prepare the dataset again (python -m nanogpt.data {Path(path).parent.name})")
+                     f"delete it and prepare the dataset again ({fix})")
 
 
 def _check_vocabulary(meta, path) -> dict:
