@@ -212,3 +212,26 @@ def test_a_write_refused_by_the_os_is_one_line_from_train_py(char_dataset, tmp_p
     assert r.stderr == (f"error: could not write checkpoint {out / 'ckpt.pt'}: File too large; no earlier ckpt.pt "
                         f"existed (free space or fix the permissions of {out}, then resume with --init_from=resume)\n")
     assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+
+
+def test_under_ddp_only_log_steps_synchronize(char_dataset, tmp_path, monkeypatch):
+    """The stop flag rides on the all-reduce that averages the logged loss: between log steps no collective and no
+    .item() runs, and a signal seen by one rank stops every rank at the next log step."""
+    import torch.distributed as dist
+    trainer = Trainer(tiny_config(tmp_path / "o", log_interval=10), log=lambda *_: None)
+    try:
+        reduced = []
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: reduced.append(t.clone()))
+        monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail(".item() outside a log step"))
+        trainer.ddp, trainer._local_iter_num, trainer._running_mfu = True, 1, -1.0
+        loss_sum = torch.tensor(2.5)
+        trainer.iter_num = 6  # iteration 5: not a log step
+        assert trainer._log_step(loss_sum, 0.1, 1e-3, stop_flag=True) is False
+        assert reduced == []
+        trainer.iter_num = 11  # iteration 10: a log step; one all-reduce of (loss, stop flag)
+        assert trainer._log_step(loss_sum, 0.1, 1e-3, stop_flag=True) is True
+        assert len(reduced) == 1 and reduced[0].tolist() == [2.5, 1.0]
+        assert trainer.history[-1] == (10, 2.5)
+    finally:
+        trainer.ddp = False  # no process group to destroy
+        trainer.close()
