@@ -15,8 +15,12 @@ def r(*shape, dtype=torch.float32):
 
 
 OPCHECK_CASES = [
-    ("layer_norm", _layer_norm_fwd_op, lambda: (r(3, 5, 64), r(64), r(64), 1e-5)),
-    ("layer_norm_nobias", _layer_norm_fwd_op, lambda: (r(4, 100), r(100), None, 1e-5)),
+    ("layer_norm", _layer_norm_fwd_op, lambda: (r(3, 5, 64), None, r(64), r(64), 1e-5, None)),
+    ("layer_norm_nobias", _layer_norm_fwd_op, lambda: (r(4, 100), None, r(100), None, 1e-5, None)),
+    ("add_layer_norm", _layer_norm_fwd_op, lambda: (r(3, 5, 96), r(3, 5, 96), r(96), r(96), 1e-5, None)),
+    # the autocast case: a float32 stream plus a half branch output, normalized into half
+    ("add_layer_norm_mixed", _layer_norm_fwd_op, lambda: (r(4, 100), r(4, 100, dtype=torch.float16), r(100), None,
+                                                          1e-5, torch.float16)),
     ("gelu", _gelu_fwd_op, lambda: (r(4, 96), r(96), "none")),
     ("gelu_tanh", _gelu_fwd_op, lambda: (r(2, 3, 32), None, "tanh")),
     ("attention", _attention_fwd_op, lambda: (r(1, 2, 20, 32), r(1, 2, 20, 32), r(1, 2, 20, 32), True, 0.0, 0.2)),
