@@ -4,14 +4,19 @@
     tanh:  y = 0.5 * u * (1 + tanh(sqrt(2/pi) * (u + 0.044715 u^3)))
 
 The MLP computes c_fc without its bias and hands the bias here, so bias + GELU is one read of x and one
-write of y instead of two passes over the (B, T, 4C) activation. Backward reads x (and bias) and dy, writes
-du; dbias is du summed over the rows, in fp32.
+write of y instead of two passes over the (B, T, 4C) activation. Both passes work on (BLOCK_M, BLOCK_N) tiles of
+the (rows, N) view, so the bias is loaded once per program and no per-element `offset % N` is computed.
+
+Backward reads x (and bias) and dy and writes du = dy * GELU'(u). dbias is du summed over the rows, in fp32:
+each program walks a contiguous run of rows of one column block and keeps the column sums in registers while it
+writes du, so only a small (programs, N) buffer of partial sums is left to add, instead of a second pass that
+re-reads du.
 """
 import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, interpreting
+from kernels._common import check_device, check_float, interpreting, num_programs_hint
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -25,53 +30,94 @@ def _tanh(z):
 
 
 @triton.jit
-def _gelu_fwd(X, Bias, Y, numel, N, HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        u += tl.load(Bias + offs % N, mask=mask, other=0.0).to(tl.float32)
+def _gelu(u, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        y = 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
-    else:
-        y = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        return 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
+    return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
 
 
 @triton.jit
-def _gelu_bwd(DY, X, Bias, DX, numel, N, HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    u = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        u += tl.load(Bias + offs % N, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+def _gelu_grad(u, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
         t = _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
-        dgelu = 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
-    else:
-        # d/du [u * Phi(u)] = Phi(u) + u * phi(u)
-        dgelu = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
-    tl.store(DX + offs, (dy * dgelu).to(DX.dtype.element_ty), mask=mask)
+        return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
+    # d/du [u * Phi(u)] = Phi(u) + u * phi(u)
+    return 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
 
 
-def _block():
-    # under the interpreter every program costs Python time, and wide numpy tiles cost little
-    return 65536 if interpreting() else 1024
+@triton.jit
+def _gelu_fwd(X, Bias, Y, M, N, HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    # one (BLOCK_M, BLOCK_N) tile of the contiguous (M, N) input per program; the bias slice is loaded once
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    u = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        u += tl.load(Bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offsets, _gelu(u, APPROX_TANH).to(Y.dtype.element_ty), mask=mask)
 
 
-def _grid(numel):
-    return (triton.cdiv(numel, _block()),)
+@triton.jit
+def _gelu_bwd(DY, X, Bias, DX, DBias_partial, M, N, rows_per_program, HAS_BIAS: tl.constexpr,
+              APPROX_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (p, q) walks the contiguous rows [p * rows_per_program, (p + 1) * rows_per_program) of column block q,
+    # BLOCK_M rows at a time, and keeps the column sums of du (dbias) in registers: one fp32 (P, N) partial
+    # buffer instead of a second pass re-reading du
+    pid_m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_BIAS:
+        bias = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dbias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_start = pid_m * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row0 in range(row_start, row_end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < row_end) & col_mask[None, :]
+        offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        u = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            u += bias[None, :]
+        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
+        du = dy * _gelu_grad(u, APPROX_TANH)  # 0 outside the mask, where dy is 0
+        tl.store(DX + offsets, du.to(DX.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            dbias_acc += du
+    if HAS_BIAS:
+        tl.store(DBias_partial + pid_m * N + cols, tl.sum(dbias_acc, axis=0), mask=col_mask)
+
+
+def _block(N: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): tiles of ~4K elements on a GPU, at most 1024 columns wide; ~64K under the interpreter,
+    where every program costs Python time and wide numpy tiles cost little."""
+    budget, widest = (65536, 4096) if interpreting() else (4096, 1024)
+    block_n = min(triton.next_power_of_2(N), widest)
+    return max(1, budget // block_n), block_n
+
+
+def _warps(block_m: int, block_n: int) -> int:
+    return min(max(block_m * block_n // 512, 1), 16)  # 16 elements per thread
+
+
+def _rows(x):
+    """x as a contiguous (rows, N) tensor."""
+    return x.contiguous().view(-1, x.shape[-1])
 
 
 @torch.library.custom_op("nanogpt_kernels::gelu_fwd", mutates_args=())
 def _gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    if x.numel():
-        _gelu_fwd[_grid(x.numel())](x, bias if bias is not None else x, y, x.numel(), x.shape[-1],
-                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK=_block())
-    return y
+    x2 = _rows(x)
+    y = torch.empty_like(x2)
+    M, N = x2.shape
+    if x2.numel():
+        block_m, block_n = _block(N)
+        _gelu_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+            x2, bias if bias is not None else x2, y, M, N, HAS_BIAS=bias is not None,
+            APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m, block_n),
+            num_stages=1)
+    return y.view(x.shape)
 
 
 @_gelu_fwd_op.register_fake
@@ -80,19 +126,34 @@ def _(x, bias, approximate):
 
 
 @torch.library.custom_op("nanogpt_kernels::gelu_bwd", mutates_args=())
-def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
-    x = x.contiguous()
-    dy = dy.contiguous()
-    dx = torch.empty_like(x)
-    if x.numel():
-        _gelu_bwd[_grid(x.numel())](dy, x, bias if bias is not None else x, dx, x.numel(), x.shape[-1],
-                                    HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK=_block())
-    return dx
+def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+                 approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dbias): dbias (fp32, in the bias's dtype) is empty when there is no bias."""
+    x2, dy2 = _rows(x), _rows(dy)
+    dx = torch.empty_like(x2)
+    M, N = x2.shape
+    dbias = torch.zeros(N if bias is not None else 0, dtype=torch.float32, device=x.device)
+    if x2.numel():
+        block_m, block_n = _block(N)
+        column_blocks = triton.cdiv(N, block_n)
+        tiles = triton.cdiv(M, block_m)
+        row_groups = max(1, min(tiles, num_programs_hint(x.device) // column_blocks))
+        rows_per_program = triton.cdiv(tiles, row_groups) * block_m
+        row_groups = triton.cdiv(M, rows_per_program)
+        partial = torch.empty((row_groups, N) if bias is not None else (0,), dtype=torch.float32, device=x.device)
+        _gelu_bwd[(row_groups, column_blocks)](
+            dy2, x2, bias if bias is not None else x2, dx, partial, M, N, rows_per_program,
+            HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=_warps(block_m, block_n), num_stages=1)
+        if bias is not None:
+            dbias = partial.sum(0)  # a few hundred rows of partial sums
+    return dx.view(x.shape), dbias.to(bias.dtype) if bias is not None else dbias
 
 
 @_gelu_bwd_op.register_fake
 def _(dy, x, bias, approximate):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    dbias = x.new_empty(x.shape[-1] if bias is not None else 0, dtype=bias.dtype if bias is not None else torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dbias
 
 
 def _setup_context(ctx, inputs, output):
@@ -103,11 +164,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx = _gelu_bwd_op(dy, x, bias, ctx.approximate)
-    dbias = None
-    if bias is not None:
-        dbias = dx.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
-    return dx, dbias, None
+    dx, dbias = _gelu_bwd_op(dy, x, bias, ctx.approximate)
+    return dx, (dbias if bias is not None else None), None
 
 
 _gelu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
