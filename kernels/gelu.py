@@ -90,15 +90,32 @@ def _gelu_bwd(DY, X, Bias, DX, DBias_partial, M, N, rows_per_program, HAS_BIAS: 
 
 
 def _block(N: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): tiles of ~4K elements on a GPU, at most 1024 columns wide; ~64K under the interpreter,
+    """(BLOCK_M, BLOCK_N): tiles of ~2K elements on a GPU, at most 1024 columns wide; ~64K under the interpreter,
     where every program costs Python time and wide numpy tiles cost little."""
-    budget, widest = (65536, 4096) if interpreting() else (4096, 1024)
+    budget, widest = (65536, 4096) if interpreting() else (2048, 1024)
     block_n = min(triton.next_power_of_2(N), widest)
     return max(1, budget // block_n), block_n
 
 
 def _warps(block_m: int, block_n: int) -> int:
-    return min(max(block_m * block_n // 512, 1), 16)  # 16 elements per thread
+    # 8 elements per thread: 16-byte accesses in half precision. At 16 (4K-element tiles) the backward needed
+    # 100-110 registers (2 CTAs of 8 warps per SM on sm_90); at 8 it needs 48-63 and the forward ~31 (full occupancy)
+    return min(max(block_m * block_n // 256, 1), 16)
+
+
+def _config(N: int) -> dict:
+    """The launch parameters (forward and backward alike) for rows of N elements."""
+    block_m, block_n = _block(N)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m, block_n), num_stages=1)
+
+
+def _bwd_row_groups(M: int, N: int, block_m: int, block_n: int, programs_hint: int) -> tuple[int, int]:
+    """(row groups, rows per group) for the backward: about programs_hint programs over all column blocks, each
+    a run of whole tiles."""
+    tiles = triton.cdiv(M, block_m)
+    groups = max(1, min(tiles, programs_hint // triton.cdiv(N, block_n)))
+    rows_per_program = triton.cdiv(tiles, groups) * block_m  # only the last tile has a tail
+    return triton.cdiv(M, rows_per_program), rows_per_program
 
 
 def _rows(x):
@@ -112,11 +129,10 @@ def _gelu_fwd_op(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -
     y = torch.empty_like(x2)
     M, N = x2.shape
     if x2.numel():
-        block_m, block_n = _block(N)
-        _gelu_fwd[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        config = _config(N)
+        _gelu_fwd[(triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))](
             x2, bias if bias is not None else x2, y, M, N, HAS_BIAS=bias is not None,
-            APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m, block_n),
-            num_stages=1)
+            APPROX_TANH=approximate == "tanh", **config)
     return y.view(x.shape)
 
 
@@ -134,17 +150,13 @@ def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
     M, N = x2.shape
     dbias = torch.zeros(N if bias is not None else 0, dtype=torch.float32, device=x.device)
     if x2.numel():
-        block_m, block_n = _block(N)
-        column_blocks = triton.cdiv(N, block_n)
-        tiles = triton.cdiv(M, block_m)
-        row_groups = max(1, min(tiles, num_programs_hint(x.device) // column_blocks))
-        rows_per_program = triton.cdiv(tiles, row_groups) * block_m
-        row_groups = triton.cdiv(M, rows_per_program)
+        config = _config(N)
+        row_groups, rows_per_program = _bwd_row_groups(M, N, config["BLOCK_M"], config["BLOCK_N"],
+                                                       num_programs_hint(x.device))
         partial = torch.empty((row_groups, N) if bias is not None else (0,), dtype=torch.float32, device=x.device)
-        _gelu_bwd[(row_groups, column_blocks)](
+        _gelu_bwd[(row_groups, triton.cdiv(N, config["BLOCK_N"]))](
             dy2, x2, bias if bias is not None else x2, dx, partial, M, N, rows_per_program,
-            HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=_warps(block_m, block_n), num_stages=1)
+            HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **config)
         if bias is not None:
             dbias = partial.sum(0)  # a few hundred rows of partial sums
     return dx.view(x.shape), dbias.to(bias.dtype) if bias is not None else dbias
@@ -188,3 +200,30 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "
                              f"last dimension")
     check_device("gelu", x, bias)
     return _gelu_fwd_op(x, bias, approximate)
+
+
+# ------------------------------------------------------------------------------------------------
+# what `python -m kernels.inspect` compiles: GPT-2's MLP activation (16384 rows of 4 x 768 = 3072; the 1.5B model's
+# 6400) in the dtypes the model hands it (under autocast: half activations, fp32 bias), with the launcher's parameters
+
+INSPECT_DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32)]
+INSPECT_WIDTHS = (3072, 6400)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def inspect_cases(rows=16384, sms=132):
+    from kernels.inspect import launch_case
+    cases = []
+    for act, param in INSPECT_DTYPES:
+        for N in INSPECT_WIDTHS:
+            config = _config(N)
+            _, rows_per_program = _bwd_row_groups(rows, N, config["BLOCK_M"], config["BLOCK_N"], sms * 4)
+            for approximate in APPROXIMATIONS:
+                problem = {"dtype": _DTYPE_NAMES[act], "width": N, "tanh": approximate == "tanh"}
+                flags = dict(HAS_BIAS=True, APPROX_TANH=approximate == "tanh")
+                cases.append(launch_case("gelu_fwd", _gelu_fwd, config, problem,
+                                         dict(X=act, Bias=param, Y=act, M=rows, N=N, **flags)))
+                cases.append(launch_case("gelu_bwd", _gelu_bwd, config, problem,
+                                         dict(DY=act, X=act, Bias=param, DX=act, DBias_partial=torch.float32, M=rows,
+                                              N=N, rows_per_program=rows_per_program, **flags)))
+    return cases

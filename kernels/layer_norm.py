@@ -140,8 +140,27 @@ def _bwd_rows_per_tile(block_n: int) -> int:
     return max(1, min(128, budget // block_n))
 
 
+def _fwd_config(N: int, element_size: int) -> dict:
+    """The forward's launch parameters for rows of N elements (element_size: the narrowest of input and output)."""
+    block_n = _block_n(N, element_size)
+    return dict(BLOCK_M=_rows_per_program(block_n), BLOCK_N=block_n, num_warps=_warps(block_n), num_stages=1)
+
+
+def _bwd_config(N: int, element_size: int) -> dict:
+    block_n = _block_n(N, element_size)
+    block_m = _bwd_rows_per_tile(block_n)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n), num_stages=1)
+
+
+def _bwd_programs(M: int, block_m: int, programs_hint: int) -> tuple[int, int]:
+    """(programs, rows per program): about programs_hint programs, each a run of whole tiles."""
+    tiles = triton.cdiv(M, block_m)
+    rows_per_program = triton.cdiv(tiles, max(1, min(tiles, programs_hint))) * block_m  # only the last tile has a tail
+    return triton.cdiv(M, rows_per_program), rows_per_program
+
+
 BWD_PROGRAMS_PER_SM = 2  # the backward's persistent programs: two per SM, each a contiguous run of rows
-REDUCE_CONFIG = dict(BLOCK_P=128, BLOCK_N=32, num_warps=4)  # _sum_partials: 48 programs at width 768
+REDUCE_CONFIG = dict(BLOCK_P=128, BLOCK_N=32, num_warps=4, num_stages=1)  # _sum_partials: 48 programs at width 768
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,12 +185,11 @@ def _layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
         r2 = _rows(residual) if residual is not None else x2
-        block_n = _block_n(N, min(x.element_size(), y.element_size()))
-        block_m = _rows_per_program(block_n)
-        _layer_norm_fwd[(triton.cdiv(M, block_m),)](
+        config = _fwd_config(N, min(x.element_size(), y.element_size()))
+        _layer_norm_fwd[(triton.cdiv(M, config["BLOCK_M"]),)](
             x2, r2, h if residual is not None else y, y, weight, bias if bias is not None else weight, mean, rstd,
             x2.stride(0), r2.stride(0), N, y.stride(0), M, N, eps, HAS_RESIDUAL=residual is not None,
-            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_n), num_stages=1)
+            HAS_BIAS=bias is not None, **config)
     return y.view(x.shape), (h.view(x.shape) if residual is not None else h), mean, rstd
 
 
@@ -205,22 +223,16 @@ def _layer_norm_bwd_op(dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tenso
     db = torch.empty(N, dtype=weight.dtype, device=x.device)
     if M == 0:
         return dx.view(x.shape), dw.zero_(), db.zero_()
-    block_n = _block_n(N, min(x.element_size(), dy.element_size()))
-    block_m = _bwd_rows_per_tile(block_n)
-    tiles = triton.cdiv(M, block_m)
-    programs = max(1, min(tiles, num_programs_hint(x.device, per_sm=BWD_PROGRAMS_PER_SM)))
-    rows_per_program = triton.cdiv(tiles, programs) * block_m  # whole tiles, so only the last one has a tail
-    programs = triton.cdiv(M, rows_per_program)
+    config = _bwd_config(N, min(x.element_size(), dy.element_size()))
+    programs, rows_per_program = _bwd_programs(M, config["BLOCK_M"],
+                                               num_programs_hint(x.device, per_sm=BWD_PROGRAMS_PER_SM))
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else dw_partial
     _layer_norm_bwd[(programs,)](dy2, dh2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
                                  dy2.stride(0), dh2.stride(0), x2.stride(0), dx.stride(0), M, N, rows_per_program,
-                                 HAS_DH=dh is not None, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
-                                 num_warps=_warps(block_m * block_n), num_stages=1)
-    reduce = REDUCE_CONFIG
-    _sum_partials[(triton.cdiv(N, reduce["BLOCK_N"]), 2 if has_bias else 1)](
-        dw_partial, db_partial, dw, db, programs, N, BLOCK_P=reduce["BLOCK_P"], BLOCK_N=reduce["BLOCK_N"],
-        num_warps=reduce["num_warps"], num_stages=1)
+                                 HAS_DH=dh is not None, HAS_BIAS=has_bias, **config)
+    _sum_partials[(triton.cdiv(N, REDUCE_CONFIG["BLOCK_N"]), 2 if has_bias else 1)](
+        dw_partial, db_partial, dw, db, programs, N, **REDUCE_CONFIG)
     if not has_bias:
         db.zero_()
     return dx.view(x.shape), dw, db
@@ -306,3 +318,48 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     _check("add_layer_norm", x, weight, bias, residual)
     y, h, _, _ = _layer_norm_fwd_op(x, residual, weight, bias, float(eps), _output_dtype(x))
     return h, y
+
+
+# ------------------------------------------------------------------------------------------------
+# what `python -m kernels.inspect` compiles: each kernel at GPT-2's shapes (16384 rows of 768 = B 16 x T 1024; the
+# 1.5B model's 1600; 3072) in the dtypes the model hands it, with the launch parameters the launcher computes
+
+# (stream = x and h, residual branch output, normalized output y and its gradient dy, weights): under autocast the
+# stream is fp32, the branch outputs and y half, the weights fp32; without autocast everything is one dtype
+INSPECT_DTYPES = [(torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),
+                  (torch.float32, torch.float16, torch.float16, torch.float32),
+                  (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                  (torch.float32, torch.float32, torch.float32, torch.float32)]
+INSPECT_WIDTHS = (768, 1600, 3072)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def inspect_cases(rows=16384, sms=132):
+    from kernels.inspect import launch_case
+    cases = []
+    for stream, branch, out, param in INSPECT_DTYPES:
+        for N in INSPECT_WIDTHS:
+            problem = {"dtype": _DTYPE_NAMES[out], "stream": _DTYPE_NAMES[stream], "width": N}
+            narrowest = min(torch.empty((), dtype=t).element_size() for t in (stream, out))
+            fwd = _fwd_config(N, narrowest)
+            for residual in (True, False):
+                cases.append(launch_case("layer_norm_fwd" + ("_add" if residual else ""), _layer_norm_fwd, fwd,
+                                         problem, dict(X=stream, Residual=branch, H=stream, Y=out, W=param, B=param,
+                                                       Mean=torch.float32, Rstd=torch.float32, stride_x=N, stride_r=N,
+                                                       stride_h=N, stride_y=N, M=rows, N=N, eps=1e-5,
+                                                       HAS_RESIDUAL=residual, HAS_BIAS=True)))
+            bwd = _bwd_config(N, narrowest)
+            programs, rows_per_program = _bwd_programs(rows, bwd["BLOCK_M"], sms * BWD_PROGRAMS_PER_SM)
+            for dh in (True, False):
+                cases.append(launch_case("layer_norm_bwd" + ("_add" if dh else ""), _layer_norm_bwd, bwd, problem,
+                                         dict(DY=out, DH=stream, X=stream, W=param, Mean=torch.float32,
+                                              Rstd=torch.float32, DX=stream, DW_partial=torch.float32,
+                                              DB_partial=torch.float32, stride_dy=N, stride_dh=N, stride_x=N,
+                                              stride_dx=N, M=rows, N=N, rows_per_program=rows_per_program,
+                                              HAS_DH=dh, HAS_BIAS=True)))
+            if stream == out == torch.float32:  # the reduction sees fp32 partials whatever the activations
+                cases.append(launch_case("layer_norm_sum_partials", _sum_partials, REDUCE_CONFIG,
+                                         {"dtype": "fp32", "width": N, "programs": programs},
+                                         dict(DW_partial=torch.float32, DB_partial=torch.float32, DW=param, DB=param,
+                                              P=programs, N=N)))
+    return cases
