@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from conftest import DEVICE
-from kernels import attention, gelu, layer_norm
+from kernels import add_layer_norm, attention, gelu, layer_norm
 from kernels.attention import _attention_fwd_op
 from kernels.gelu import _gelu_fwd_op
 from kernels.layer_norm import _layer_norm_fwd_op
@@ -67,6 +67,28 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for g, ge in zip(grads, eager_grads):
         torch.testing.assert_close(g, ge, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_fullgraph_follows_autocast():
+    """The autocast dtype is read in the Python wrapper, outside the custom op: a compiled graph writes the
+    normalized output in it under autocast (guarded: the same function recompiles without autocast)."""
+    def fused(x, residual, w, b):
+        h, y = add_layer_norm(x, residual, w, b)
+        return h, y, layer_norm(h, w, b)
+
+    x = torch.randn(4, 96, device=DEVICE, requires_grad=True)
+    residual = torch.randn(4, 96, device=DEVICE, dtype=torch.bfloat16)
+    w, b = torch.ones(96, device=DEVICE, requires_grad=True), torch.zeros(96, device=DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, eager = compiled(x, residual, w, b), fused(x, residual, w, b)
+    assert [t.dtype for t in out] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    for a, e in zip(out, eager):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert [t.dtype for t in compiled(x, residual, w, b)] == [torch.float32] * 3
+    out[1].float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad is not None
 
 
 def test_compile_inductor_fullgraph_on_the_gpt():
