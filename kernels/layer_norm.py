@@ -1,17 +1,20 @@
-"""LayerNorm over the last dimension, forward and backward, in Triton.
+"""LayerNorm over the last dimension, forward and backward, in Triton; optionally fused with the residual add
+before it (a pre-LN transformer's `x = x + branch(...); h = ln(x)`, as `add_layer_norm`).
 
-    y = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps),   var the biased variance
+    y = (h - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps),   var the biased variance,   h = x (+ residual)
 
-Forward: each program holds whole rows in registers (one row when they are wide, a tile of rows when
-narrow), computes mean then the variance of (x - mean) in fp32 (two passes over registers: no E[x^2] - E[x]^2 cancellation for rows with a large mean),
-writes y and saves mean and rstd for backward.
+Forward: each program holds whole rows in registers (one row when they are wide, a tile of rows when narrow),
+adds the residual and stores h (the stream's dtype) if there is one, computes mean then the variance of
+(h - mean) in fp32 (two passes over registers: no E[h^2] - E[h]^2 cancellation for rows with a large mean), writes
+y (in the autocast dtype under torch.autocast: it feeds a matmul) and saves mean and rstd for backward.
 
-Backward, with xhat = (x - mean) * rstd and wdy = w * dy:
-    dx = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))
-    dw = sum over rows of dy * xhat,   db = sum over rows of dy
-A fixed number of programs each walk a strided set of row tiles, compute dx in the same row pass and keep
-their dw/db partial sums in registers; a second small kernel adds the partial sums. No atomics: the result
-is deterministic and there is no contention whatever the number of rows.
+Backward, with hhat = (h - mean) * rstd and wdy = w * dy:
+    dh = rstd * (wdy - hhat * mean(hhat * wdy) - mean(wdy))  (+ the gradient reaching h directly, if fused)
+    dw = sum over rows of dy * hhat,   db = sum over rows of dy
+Two programs per SM each walk a contiguous run of rows, compute dh in the same row pass and add each tile's column
+sums into 1-D dw/db accumulators (a few registers per thread); one small launch then adds the programs' partial
+sums. No atomics: the result is deterministic and there is no contention whatever the number of rows. x and the
+residual both receive dh.
 """
 import torch
 import triton
