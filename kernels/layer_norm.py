@@ -128,30 +128,32 @@ def _warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
-def _rows_per_program(block_n: int) -> int:
+def _rows_per_program(block_n: int, interpreter: bool) -> int:
     """Forward: rows per program, ~4K elements on a GPU (narrow rows share a program), ~64K under the
     interpreter, where each program costs Python time and wide numpy tiles cost little."""
-    budget = 65536 if interpreting() else 4096
+    budget = 65536 if interpreter else 4096
     return max(1, min(128, budget // block_n))
 
 
-def _bwd_rows_per_tile(block_n: int) -> int:
+def _bwd_rows_per_tile(block_n: int, interpreter: bool) -> int:
     """Backward: rows per loop step, ~2K elements on a GPU (two rows at width 768, one from 1025 up), launched with
     _warps(rows * block_n) warps: 8 elements per thread of each of x, dy, xhat, w and the two 1-D accumulators
     (fewer), which keeps the kernel near 80 registers; ~64K elements under the interpreter (see _rows_per_program)."""
-    budget = 65536 if interpreting() else 2048
+    budget = 65536 if interpreter else 2048
     return max(1, min(128, budget // block_n))
 
 
-def _fwd_config(N: int, element_size: int) -> dict:
-    """The forward's launch parameters for rows of N elements (element_size: the narrowest of input and output)."""
+def launch_config(N: int, element_size: int, interpreter: bool | None = None, backward: bool = False) -> dict:
+    """The forward's (or the backward's) launch parameters for rows of N elements; element_size: the narrowest
+    of the tensors a row is read from or written to. `interpreter`: which parameters, the interpreter's or a GPU's
+    (default: where this process runs; `python -m kernels.inspect` and the config tests ask for the GPU's)."""
+    if interpreter is None:
+        interpreter = interpreting()
     block_n = _block_n(N, element_size)
-    return dict(BLOCK_M=_rows_per_program(block_n), BLOCK_N=block_n, num_warps=_warps(block_n), num_stages=1)
-
-
-def _bwd_config(N: int, element_size: int) -> dict:
-    block_n = _block_n(N, element_size)
-    block_m = _bwd_rows_per_tile(block_n)
+    if not backward:
+        return dict(BLOCK_M=_rows_per_program(block_n, interpreter), BLOCK_N=block_n, num_warps=_warps(block_n),
+                    num_stages=1)
+    block_m = _bwd_rows_per_tile(block_n, interpreter)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n), num_stages=1)
 
 
@@ -163,7 +165,8 @@ def _bwd_programs(M: int, block_m: int, programs_hint: int) -> tuple[int, int]:
 
 
 BWD_PROGRAMS_PER_SM = 2  # the backward's persistent programs: two per SM, each a contiguous run of rows
-REDUCE_CONFIG = dict(BLOCK_P=128, BLOCK_N=32, num_warps=4, num_stages=1)  # _sum_partials: 48 programs at width 768
+# the reduction of the per-program dw/db partial sums: a fixed launch, 48 programs at width 768
+SUM_PARTIALS_CONFIG = dict(BLOCK_P=128, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ def _layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
         r2 = _rows(residual) if residual is not None else x2
-        config = _fwd_config(N, min(x.element_size(), y.element_size()))
+        config = launch_config(N, min(x.element_size(), y.element_size()))
         _layer_norm_fwd[(triton.cdiv(M, config["BLOCK_M"]),)](
             x2, r2, h if residual is not None else y, y, weight, bias if bias is not None else weight, mean, rstd,
             x2.stride(0), r2.stride(0), N, y.stride(0), M, N, eps, HAS_RESIDUAL=residual is not None,
@@ -226,7 +229,7 @@ def _layer_norm_bwd_op(dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tenso
     db = torch.empty(N, dtype=weight.dtype, device=x.device)
     if M == 0:
         return dx.view(x.shape), dw.zero_(), db.zero_()
-    config = _bwd_config(N, min(x.element_size(), dy.element_size()))
+    config = launch_config(N, min(x.element_size(), dy.element_size()), backward=True)
     programs, rows_per_program = _bwd_programs(M, config["BLOCK_M"],
                                                num_programs_hint(x.device, per_sm=BWD_PROGRAMS_PER_SM))
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
@@ -234,8 +237,8 @@ def _layer_norm_bwd_op(dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tenso
     _layer_norm_bwd[(programs,)](dy2, dh2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
                                  dy2.stride(0), dh2.stride(0), x2.stride(0), dx.stride(0), M, N, rows_per_program,
                                  HAS_DH=dh is not None, HAS_BIAS=has_bias, **config)
-    _sum_partials[(triton.cdiv(N, REDUCE_CONFIG["BLOCK_N"]), 2 if has_bias else 1)](
-        dw_partial, db_partial, dw, db, programs, N, **REDUCE_CONFIG)
+    _sum_partials[(triton.cdiv(N, SUM_PARTIALS_CONFIG["BLOCK_N"]), 2 if has_bias else 1)](
+        dw_partial, db_partial, dw, db, programs, N, **SUM_PARTIALS_CONFIG)
     if not has_bias:
         db.zero_()
     return dx.view(x.shape), dw, db
@@ -344,14 +347,14 @@ def inspect_cases(rows=16384, sms=132):
         for N in INSPECT_WIDTHS:
             problem = {"dtype": _DTYPE_NAMES[out], "stream": _DTYPE_NAMES[stream], "width": N}
             narrowest = min(torch.empty((), dtype=t).element_size() for t in (stream, out))
-            fwd = _fwd_config(N, narrowest)
+            fwd = launch_config(N, narrowest, interpreter=False)
             for residual in (True, False):
                 cases.append(launch_case("layer_norm_fwd" + ("_add" if residual else ""), _layer_norm_fwd, fwd,
                                          problem, dict(X=stream, Residual=branch, H=stream, Y=out, W=param, B=param,
                                                        Mean=torch.float32, Rstd=torch.float32, stride_x=N, stride_r=N,
                                                        stride_h=N, stride_y=N, M=rows, N=N, eps=1e-5,
                                                        HAS_RESIDUAL=residual, HAS_BIAS=True)))
-            bwd = _bwd_config(N, narrowest)
+            bwd = launch_config(N, narrowest, interpreter=False, backward=True)
             programs, rows_per_program = _bwd_programs(rows, bwd["BLOCK_M"], sms * BWD_PROGRAMS_PER_SM)
             for dh in (True, False):
                 cases.append(launch_case("layer_norm_bwd" + ("_add" if dh else ""), _layer_norm_bwd, bwd, problem,
@@ -361,7 +364,7 @@ def inspect_cases(rows=16384, sms=132):
                                               stride_dx=N, M=rows, N=N, rows_per_program=rows_per_program,
                                               HAS_DH=dh, HAS_BIAS=True)))
             if stream == out == torch.float32:  # the reduction sees fp32 partials whatever the activations
-                cases.append(launch_case("layer_norm_sum_partials", _sum_partials, REDUCE_CONFIG,
+                cases.append(launch_case("layer_norm_sum_partials", _sum_partials, SUM_PARTIALS_CONFIG,
                                          {"dtype": "fp32", "width": N, "programs": programs},
                                          dict(DW_partial=torch.float32, DB_partial=torch.float32, DW=param, DB=param,
                                               P=programs, N=N)))

@@ -1,12 +1,13 @@
 """kernels.gelu against F.gelu in float64, both approximations, with and without the fused bias."""
+import functools
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE
 from kernels.testing import REDUCTION_FACTOR, TOLERANCE as TOLERANCES, relative_error
-import importlib
-
 from kernels import gelu
 
 gelu_module = importlib.import_module("kernels.gelu")  # the module: `kernels.gelu` is the function
@@ -49,7 +50,7 @@ def test_fused_dbias_under_both_tilings(shape, approximate, tiles, monkeypatch):
     GPU's small ones (several column blocks, many row groups, tails in both directions); fp32 bias with fp16
     activations, as under autocast."""
     if tiles == "gpu_tiles":
-        monkeypatch.setattr(gelu_module, "interpreting", lambda: False)
+        monkeypatch.setattr(gelu_module, "launch_config", functools.partial(gelu_module.launch_config, interpreter=False))
     torch.manual_seed(1)
     x = torch.randn(shape, dtype=torch.float16, device=DEVICE, requires_grad=True)
     b = torch.randn(shape[-1], dtype=torch.float32, device=DEVICE, requires_grad=True)

@@ -1,11 +1,13 @@
 """kernels.layer_norm against a float64 reference (relative L2 error, per-dtype tolerance)."""
+import functools
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE
 from kernels.testing import REDUCTION_FACTOR, TOLERANCE as TOLERANCES, relative_error
-import importlib
 from kernels import add_layer_norm, layer_norm
 
 layer_norm_module = importlib.import_module("kernels.layer_norm")  # the module: `kernels.layer_norm` is the function
@@ -50,7 +52,8 @@ def tiles(request, monkeypatch):
     """The launch parameters the interpreter picks (wide tiles, fast there) or those a GPU runs (small tiles, many
     loop steps and programs, tails): the kernels' masks and loops are checked under both."""
     if request.param == "gpu_tiles":
-        monkeypatch.setattr(layer_norm_module, "interpreting", lambda: False)
+        monkeypatch.setattr(layer_norm_module, "launch_config",
+                            functools.partial(layer_norm_module.launch_config, interpreter=False))
     return request.param
 
 
