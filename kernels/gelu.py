@@ -147,7 +147,7 @@ def _(x, bias, approximate):
 @torch.library.custom_op("nanogpt_kernels::gelu_bwd", mutates_args=())
 def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
                  approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dbias): dbias (fp32, in the bias's dtype) is empty when there is no bias."""
+    """(dx, dbias): dbias summed in fp32 and returned in the bias's dtype; empty when there is no bias."""
     x2, dy2 = _rows(x), _rows(dy)
     dx = torch.empty_like(x2)
     M, N = x2.shape
