@@ -81,7 +81,11 @@ def markdown(rows, data):
 
 
 def chart(rows, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional package: the Markdown table is written without the chart
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import (DEVICE, INTERPRETED_TRITON, ON_GPU, gate, low_precision_dtype, measure, record_untimed,
+from bench.common import (DEVICE, ON_GPU, gate, interpreted, low_precision_dtype, measure, record_untimed,
                           rotation_count, tensor_bytes)
-from nanogpt.backends import naive_attention, naive_gelu, naive_layer_norm
+from nanogpt.backends import available_backends, get_backend, naive_attention, naive_gelu, naive_layer_norm
 
 LOW = low_precision_dtype()
 DTYPES = [torch.float32, LOW]
@@ -26,6 +26,10 @@ else:
 
 
 # ------------------------------------------------------------------------------------------------ backends
+# Every backend of the registry (nanogpt/backends.py) is a row under its registry name: a backend added with
+# register_backend is benchmarked with no change here. Beside them: each SDPA backend pinned explicitly, FlexAttention
+# (compiled, causal block mask: the Triton-generated attention a user would pick instead of ours) where the installed
+# torch has it, and torch.compile of the naive reference.
 
 def _sdpa_with(backend_name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -37,9 +41,28 @@ def _sdpa_with(backend_name):
     return attention
 
 
-def _triton(name):
-    import kernels
-    return getattr(kernels, name)
+def _flex_attention():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+    masks = {}
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def attention(q, k, v):
+        T = q.shape[-2]
+        if T not in masks:
+            masks[T] = create_block_mask(causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+        return compiled(q, k, v, block_mask=masks[T])
+    return attention
+
+
+def _has_flex_attention():
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 _COMPILED = {}
@@ -51,30 +74,36 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
-SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"] if ON_GPU else \
+def _registry(part):
+    """{registry name: a factory of that backend's `part` ("attention", "layer_norm" or "gelu")}."""
+    return {name: (lambda name=name: getattr(get_backend(name), part)) for name in available_backends()}
+
+
+SDPA_PINNED = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"] if ON_GPU else \
     ["FLASH_ATTENTION", "MATH"]
 
 ATTENTION_BACKENDS = {
-    "naive": lambda: naive_attention,
-    **{f"sdpa-{b.split('_')[0].lower()}": (lambda b=b: _sdpa_with(b)) for b in SDPA_BACKENDS},
-    "triton": lambda: (lambda q, k, v: _triton("attention")(q, k, v, causal=True)),
-    "compile(naive)": lambda: _compiled(naive_attention),
+    **{name: (lambda f=f: (lambda q, k, v: f()(q, k, v, 0.0))) for name, f in _registry("attention").items()},
+    **{f"sdpa[{b.split('_')[0].lower()}]": (lambda b=b: _sdpa_with(b)) for b in SDPA_PINNED},
+    **({"flex_attention": _flex_attention} if ON_GPU and _has_flex_attention() else {}),
+    "compile(naive)": lambda: (lambda q, k, v: _compiled(naive_attention)(q, k, v)),
 }
 LAYER_NORM_BACKENDS = {
-    "naive": lambda: naive_layer_norm,
-    "torch": lambda: (lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)),
-    "triton": lambda: _triton("layer_norm"),
+    **{name: (lambda f=f: (lambda x, w, b: f()(x, w, b, 1e-5))) for name, f in _registry("layer_norm").items()},
     "compile(naive)": lambda: _compiled(naive_layer_norm),
 }
 GELU_BACKENDS = {
-    "naive": lambda: naive_gelu,
-    "torch": lambda: (lambda x, b: F.gelu(x + b)),
-    "triton": lambda: _triton("gelu"),
+    **{name: (lambda f=f: (lambda x, b: f()(x, b, "none"))) for name, f in _registry("gelu").items()},
     "compile(naive)": lambda: _compiled(naive_gelu),
 }
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+def _interpreted(backend):
+    """A registry backend running our Triton kernels in the interpreter (CPU): checked, never timed."""
+    return backend in available_backends() and interpreted(backend)
+
 
 def fwd_bwd(fn, inputs, grad_out):
     """Run fn forward (and backward with grad_out if given): (output, *input grads)."""
@@ -94,7 +123,7 @@ def case(benchmark, record, kind, backend, fn, make_inputs, reference, dtype, pa
     gate(f"{kind} {backend} {passes} {dtype}", outputs, expected, dtype, reductions)
     del outputs, expected
 
-    timed = not (backend == "triton" and INTERPRETED_TRITON)
+    timed = not _interpreted(backend)
     record(kind=kind, backend=backend, passes=passes, dtype=str(dtype).replace("torch.", ""), timed=timed)
     if not timed:  # correct; but interpreter speed says nothing about the kernel
         record_untimed(benchmark, "Triton interpreter on CPU: checked, not timed")
@@ -133,7 +162,7 @@ def _backend_or_skip(table, name, probe):
 @pytest.mark.parametrize("backend", list(ATTENTION_BACKENDS))
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_attention(benchmark, record, shape, backend, dtype, passes):
-    if backend == "triton" and INTERPRETED_TRITON and dtype == torch.bfloat16:
+    if _interpreted(backend) and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter cannot run tl.dot on bfloat16 (triton issue #11584): checked on a GPU")
     B, H, T, D = shape
     if backend == "naive" and T * T * B * H * 4 > 8 * 2**30:

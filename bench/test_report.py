@@ -42,7 +42,7 @@ def test_report_renders_a_table_and_a_chart(results, tmp_path):
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "results.md").read_text()
     assert "## gelu fwd" in md and "| backend | median (ms) | GB/s | fraction of roofline |" in md
-    assert "| torch |" in md and "measured roofline" in md
+    assert "| sdpa |" in md and "measured roofline" in md
     png = (tmp_path / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

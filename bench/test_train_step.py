@@ -9,8 +9,9 @@ import contextlib
 import pytest
 import torch
 
-from bench.common import (DEVICE, INTERPRETED_TRITON, ON_GPU, gate, low_precision_dtype, measure, peak_memory_bytes,
+from bench.common import (DEVICE, ON_GPU, gate, interpreted, low_precision_dtype, measure, peak_memory_bytes,
                           record_untimed, reset_peak_memory)
+from nanogpt.backends import available_backends
 from nanogpt.hardware import device_peak_flops
 from nanogpt.model import GPT, GPTConfig
 
@@ -39,10 +40,10 @@ def batches(n):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("attn", ["naive", "sdpa", "triton"])
+@pytest.mark.parametrize("attn", available_backends())  # every backend of the registry
 def test_train_step(benchmark, record, attn, compile):
     dtype = low_precision_dtype() if ON_GPU else torch.float32
-    if attn == "triton" and INTERPRETED_TRITON and compile:
+    if interpreted(attn) and compile:
         pytest.skip("Triton interpreted on the CPU: the eager row checks correctness; compiling it adds nothing")
     benchmark.group = "train step"
     model, optimizer, autocast = build(attn, dtype)
@@ -73,7 +74,7 @@ def test_train_step(benchmark, record, attn, compile):
     optimizer.zero_grad(set_to_none=True)
     del ref_model
 
-    timed = not (attn == "triton" and INTERPRETED_TRITON)
+    timed = not interpreted(attn)
     tokens = BATCH * MODEL["block_size"]
     record(kind="train_step", backend=attn, compile=compile, dtype=str(dtype)[6:], timed=timed, model=MODEL,
            batch_size=BATCH, tokens_per_step=tokens)

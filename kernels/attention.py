@@ -19,6 +19,7 @@ Dropout: the keep decision of element (b*h, i, j) is Philox(seed, (bh*Tq + i)*Tk
 identically in every pass, so the mask is never stored. The seed is drawn from torch's default generator:
 torch.manual_seed makes a run reproducible.
 """
+import contextlib
 import math
 
 import torch
@@ -281,33 +282,111 @@ def _dropout_mask_kernel(Out, seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BL
 
 
 # ------------------------------------------------------------------------------------------------
-# launch configuration: a fixed block size under the interpreter (speed there is meaningless), a small
-# autotuned list on the GPU, keyed on what changes the best choice.
+# launch configuration. The GPU lists below are what the autotuner chooses from on a GPU; `python -m
+# kernels.inspect` compiles every one of them for sm_90/sm_80 and tests/test_kernel_configs.py runs every one of
+# them under the interpreter, both reading these lists. Under the interpreter a launch uses INTERPRETER_CONFIG
+# (speed there is meaningless), chosen by the autotuner's pruning hook at launch time.
+#
+# Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_Ds it is shipped for). A config leaves the list for a
+# head dim when `python -m kernels.inspect` shows it spilling or off the tensor cores there (see README, "Kernel
+# inspection", and bench/results/inspect-sm_90.md).
+ALL_BLOCK_DS = (16, 32, 64, 128)
 
-def _fwd_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                 (128, 32, 4, 4), (64, 32, 4, 4)]]
+_FWD = [(128, 64, 4, 3, ALL_BLOCK_DS), (128, 64, 8, 3, ALL_BLOCK_DS), (128, 128, 8, 3, ALL_BLOCK_DS),
+        (64, 64, 4, 3, ALL_BLOCK_DS), (128, 32, 4, 4, ALL_BLOCK_DS), (64, 32, 4, 4, ALL_BLOCK_DS)]
+# backward: (the block a program walks over, the block it owns): dK/dV programs own BLOCK_N keys and walk BLOCK_M
+# queries; dQ programs own BLOCK_M queries and walk BLOCK_N keys
+_BWD = [(32, 128, 8, 3, ALL_BLOCK_DS), (32, 64, 4, 3, ALL_BLOCK_DS), (64, 64, 4, 3, ALL_BLOCK_DS),
+        (64, 128, 8, 2, ALL_BLOCK_DS)]
+DKDV_CONFIGS = [dict(BLOCK_M=walk, BLOCK_N=own, num_warps=w, num_stages=s, block_ds=ds)
+                for walk, own, w, s, ds in _BWD]
+DQ_CONFIGS = [dict(BLOCK_M=own, BLOCK_N=walk, num_warps=w, num_stages=s, block_ds=ds)
+              for walk, own, w, s, ds in _BWD]
+FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds) for m, n, w, s, ds in _FWD]
+INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
+PREPROCESS_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # delta = rowsum(dO * O): no dot, no pipelining
 
 
-def _bwd_configs(small, big):
-    # dK/dV programs own BLOCK_N keys and walk BLOCK_M queries (small x big); dQ the transpose
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({small: s_, big: b_}, num_warps=w, num_stages=st)
-            for s_, b_, w, st in [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]]
+def _check_block_shapes(kernel, configs, multiple, of):
+    """The loops step one block inside the other: the causal diagonal of the forward and dQ passes starts at a
+    multiple of BLOCK_M and is walked in steps of BLOCK_N, so BLOCK_M must be a multiple of BLOCK_N there;
+    dK/dV is the transpose."""
+    for c in configs:
+        if c[multiple] % c[of] or set(c["block_ds"]) - set(ALL_BLOCK_DS):
+            raise ValueError(f"attention: {kernel} config {c} breaks the kernel's block-shape invariant: {multiple} "
+                             f"must be a multiple of {of}, and block_ds a subset of {ALL_BLOCK_DS}")
 
 
-_AUTOTUNE_KEY = ["Tq", "Tk", "BLOCK_D", "CAUSAL", "DROPOUT"]  # dtype is part of Triton's own cache key
-_attn_fwd_tuned = triton.autotune(_fwd_configs(), key=_AUTOTUNE_KEY)(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_bwd_configs("BLOCK_M", "BLOCK_N"), key=_AUTOTUNE_KEY)(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_bwd_configs("BLOCK_N", "BLOCK_M"), key=_AUTOTUNE_KEY)(_attn_bwd_dq)
+_check_block_shapes("forward", FWD_CONFIGS + [INTERPRETER_CONFIG], "BLOCK_M", "BLOCK_N")
+_check_block_shapes("dQ", DQ_CONFIGS + [INTERPRETER_CONFIG], "BLOCK_M", "BLOCK_N")
+_check_block_shapes("dK/dV", DKDV_CONFIGS + [INTERPRETER_CONFIG], "BLOCK_N", "BLOCK_M")
 
 
 def _block_d(D):
     return max(16, triton.next_power_of_2(D))
+
+
+def configs_for(configs, block_d):
+    """The entries of a config list shipped for this BLOCK_D (what the autotuner may choose on a GPU)."""
+    return [c for c in configs if block_d in c["block_ds"]]
+
+
+def _triton_config(c):
+    return triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                         num_stages=c["num_stages"])
+
+
+# "fwd", "dkdv" or "dq" -> the config entry every launch of it must use (set by `forced_configs`, for tests)
+_FORCED = {}
+
+
+@contextlib.contextmanager
+def forced_configs(**entries):
+    """For tests: launch with the given config entries (fwd=, dkdv=, dq=: entries of FWD_CONFIGS, DKDV_CONFIGS,
+    DQ_CONFIGS) instead of the autotuner's choice, under the interpreter too; the others keep theirs.
+    tests/test_kernel_configs.py runs every GPU config on the CPU this way."""
+    tuned = {"fwd": _attn_fwd_tuned, "dkdv": _attn_bwd_dkdv_tuned, "dq": _attn_bwd_dq_tuned}
+    unknown = set(entries) - set(tuned)
+    if unknown:
+        raise ValueError(f"forced_configs: unknown kernel(s) {sorted(unknown)}; choose from {sorted(tuned)}")
+    for name in entries:
+        tuned[name].cache.clear()  # the autotuner remembers its choice per key: forget it
+    _FORCED.update(entries)
+    try:
+        yield
+    finally:
+        for name in entries:
+            _FORCED.pop(name, None)
+            tuned[name].cache.clear()
+
+
+def _autotuned(name, fn, configs):
+    """fn autotuned over `configs`, pruned per BLOCK_D at launch; the interpreter gets INTERPRETER_CONFIG."""
+    def key(c):
+        return c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]
+
+    block_ds = {key(c): c["block_ds"] for c in configs}  # looked up at launch time
+
+    def prune(triton_configs, named_args, **kwargs):
+        if name in _FORCED:
+            return [_triton_config(_FORCED[name])]
+        if interpreting():
+            return [_triton_config(INTERPRETER_CONFIG)]
+        block_d = {**named_args, **kwargs}["BLOCK_D"]
+        kept = [t for t in triton_configs
+                if block_d in block_ds[key({**t.kwargs, "num_warps": t.num_warps, "num_stages": t.num_stages})]]
+        if not kept:
+            raise ValueError(f"attention: no launch config is shipped for BLOCK_D={block_d}")
+        return kept
+
+    return triton.autotune([_triton_config(c) for c in configs], key=_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": prune})(fn)
+
+
+_AUTOTUNE_KEY = ["Tq", "Tk", "BLOCK_D", "CAUSAL", "DROPOUT"]  # dtype is part of Triton's own cache key
+_attn_fwd_tuned = _autotuned("fwd", _attn_fwd, FWD_CONFIGS)
+_attn_bwd_dkdv_tuned = _autotuned("dkdv", _attn_bwd_dkdv, DKDV_CONFIGS)
+_attn_bwd_dq_tuned = _autotuned("dq", _attn_bwd_dq, DQ_CONFIGS)
 
 
 def _draw_seed(dropout_p):
@@ -355,9 +434,10 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     block_d = _block_d(D)
-    pre_block = 64
-    _attn_bwd_preprocess[(triton.cdiv(Tq, pre_block), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq, D, BLOCK_M=pre_block, BLOCK_D=block_d)
+    pre = PREPROCESS_CONFIG
+    _attn_bwd_preprocess[(triton.cdiv(Tq, pre["BLOCK_M"]), B * H)](
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq, D, BLOCK_M=pre["BLOCK_M"], BLOCK_D=block_d,
+        num_warps=pre["num_warps"], num_stages=pre["num_stages"])
     seed_value = int(seed.item())
     dropout = dropout_p > 0.0
     common = (seed_value, scale, dropout_p, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
@@ -450,3 +530,59 @@ def last_seed_of(q, k, v, causal=True, dropout_p=0.0, scale=None):
         scale = 1.0 / math.sqrt(q.shape[-1])
     o, _, seed = _attention_fwd_op(q, k, v, causal, dropout_p, scale)
     return o, int(seed.item())
+
+
+# ------------------------------------------------------------------------------------------------
+# what `python -m kernels.inspect` compiles (the contract is described at the top of kernels/inspect.py)
+
+# (dtype, head dim, causal, dropout): GPT-2's bf16 call (D=64) and D=128, causal or not, dropout off or on; a padded
+# head dim (96 runs in BLOCK_D=128); fp16 (it compiles like bf16: two rows to show it)
+INSPECT_PROBLEMS = [(torch.bfloat16, d, causal, dropout) for d in (64, 128) for causal in (True, False)
+                    for dropout in (False, True)]
+INSPECT_PROBLEMS += [(torch.bfloat16, 96, True, False), (torch.float16, 64, True, False),
+                     (torch.float16, 128, True, True)]
+
+
+def inspect_cases(problems=None):
+    """Every attention kernel x every launch config it can pick on a GPU x representative problems: GPT-2 124M's
+    call (B=16, H=12, T=1024, q/k/v the (B, T, H, D).transpose(1, 2) views of c_attn's output)."""
+    from kernels.inspect import launch_case
+    B, H, T = 16, 12, 1024
+    cases = []
+    for dtype, D, causal, dropout in problems or INSPECT_PROBLEMS:
+        C = H * D
+        qkv = (T * 3 * C, D, 3 * C)      # strides (b, h, t) of the c_attn views
+        dense = (H * T * D, T * D, D)    # a contiguous (B, H, T, D) tensor: o, dq, dk, dv
+        do = (T * C, D, C)               # the gradient of y.transpose(1, 2), as the model's backward hands it
+        problem = {"dtype": _DTYPE_NAMES[dtype], "head_dim": D, "causal": causal, "dropout": dropout}
+        block_d = _block_d(D)
+        common = dict(seed=12345, sm_scale=D ** -0.5, dropout_p=0.1 if dropout else 0.0)
+        flags = dict(CAUSAL=causal, DROPOUT=dropout, BLOCK_D=block_d)
+        for c in configs_for(FWD_CONFIGS, block_d):
+            cases.append(launch_case("attention_fwd", _attn_fwd, c, problem, dict(
+                Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32, **common,
+                **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv), **_strides("o", dense),
+                H=H, Tq=T, Tk=T, D=D, **flags)))
+        cases.append(launch_case("attention_bwd_preprocess", _attn_bwd_preprocess, PREPROCESS_CONFIG, problem, dict(
+            O=dtype, DO=dtype, Delta=torch.float32, **_strides("o", dense), **_strides("do", do), H=H, Tq=T, D=D,
+            BLOCK_D=block_d)))
+        grads = dict(Q=dtype, K=dtype, V=dtype, DO=dtype)
+        strides = {**_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv), **_strides("do", do)}
+        for c in configs_for(DKDV_CONFIGS, block_d):
+            cases.append(launch_case("attention_bwd_dkdv", _attn_bwd_dkdv, c, problem, dict(
+                **grads, DK=dtype, DV=dtype, LSE=torch.float32, Delta=torch.float32, **common, **strides,
+                **_strides("dk", dense), **_strides("dv", dense), H=H, Tq=T, Tk=T, D=D, **flags)))
+        for c in configs_for(DQ_CONFIGS, block_d):
+            cases.append(launch_case("attention_bwd_dq", _attn_bwd_dq, c, problem, dict(
+                **grads, DQ=dtype, LSE=torch.float32, Delta=torch.float32, **common, **strides,
+                **_strides("dq", dense), H=H, Tq=T, Tk=T, D=D, **flags)))
+    return cases
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _strides(name, strides):
+    """{stride_<name>b: .., stride_<name>h: .., stride_<name>m or n: ..}, named as the kernels name them."""
+    row = {"q": "m", "o": "m", "do": "m", "dq": "m"}.get(name, "n")
+    return dict(zip((f"stride_{name}b", f"stride_{name}h", f"stride_{name}{row}"), strides))

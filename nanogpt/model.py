@@ -50,6 +50,11 @@ class LayerNorm(nn.Module):
     def forward(self, x):
         return self.backend.layer_norm(x, self.weight, self.bias, 1e-5)
 
+    def add_and_norm(self, x, residual):
+        """(x + residual, LayerNorm(x + residual)): the residual stream's update and this LayerNorm, fused into one
+        pass over memory where the backend has a kernel for it."""
+        return self.backend.add_layer_norm(x, residual, self.weight, self.bias, 1e-5)
+
 
 class CausalSelfAttention(nn.Module):
 
@@ -99,6 +104,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-LN transformer block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)).
+
+    Each residual add is fused into the LayerNorm right after it (add_and_norm), so the MLP's output is added by
+    the *next* LayerNorm: the next block's ln_1, or the model's ln_f after the last block. A block therefore takes
+    the stream x together with the previous block's MLP output not yet added to it (`pending`, None in the first
+    block) and returns the same pair for the next one."""
 
     def __init__(self, config, backend):
         super().__init__()
@@ -107,10 +118,13 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, backend)
         self.mlp = MLP(config, backend)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def forward(self, x, pending=None, kv_cache=None):
+        if pending is None:
+            h = self.ln_1(x)
+        else:
+            x, h = self.ln_1.add_and_norm(x, pending)  # x = x + pending; h = ln_1(x)
+        x, h = self.ln_2.add_and_norm(x, self.attn(h, kv_cache))  # x = x + attn(...); h = ln_2(x)
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -162,11 +176,12 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pending = None  # the last block's MLP output, added to x by the next LayerNorm (see Block)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache.layer(i) if kv_cache is not None else None)
+            x, pending = block(x, pending, kv_cache.layer(i) if kv_cache is not None else None)
         if kv_cache is not None:
             kv_cache.advance(t)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x) if pending is None else self.transformer.ln_f.add_and_norm(x, pending)[1]
 
         if targets is not None:
             logits = self.lm_head(x)

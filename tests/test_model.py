@@ -6,6 +6,23 @@ from helpers import TINY_MODEL as TINY
 from nanogpt.model import GPT, GPTConfig
 
 
+@pytest.mark.parametrize("attn", ["naive", "sdpa"])
+def test_fused_residual_blocks_compute_the_textbook_composition(attn):
+    """The Block hands each residual add to the LayerNorm after it (add_layer_norm, carried across blocks); for
+    naive and sdpa that is `x + r` then their layer_norm, so the logits are bit for bit those of
+    x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) ... ln_f(x)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, attn=attn))
+    idx = torch.randint(0, TINY["vocab_size"], (2, 11))
+    t = model.transformer
+    x = t.drop(t.wte(idx) + t.wpe(torch.arange(11)))
+    for block in t.h:
+        x = x + block.attn(block.ln_1(x))
+        x = x + block.mlp(block.ln_2(x))
+    expected = model.lm_head(t.ln_f(x)[:, [-1], :])
+    assert torch.equal(model(idx)[0], expected)
+
+
 def test_forward_without_targets_returns_last_position_only():
     model = GPT(GPTConfig(**TINY))
     logits, loss = model(torch.randint(0, 97, (3, 10)))

@@ -1,0 +1,348 @@
+"""See the GPU code from the CPU: compile every shipped kernel x launch config for a GPU target and report what
+the GPU would run.
+
+    python -m kernels.inspect                      # sm_90 (H100/H200): the table on stdout
+    python -m kernels.inspect --arch sm_80         # A100
+    python -m kernels.inspect --json rows.json --dump DIR --jobs 2 --kernel attention_bwd_dkdv
+
+No GPU is needed: Triton compiles for a `GPUTarget` without one, and the wheel's `cuobjdump` reads the cubin.
+Per row (kernel, config, problem): registers per thread, spill bytes (the stack frame: ptxas spills to the stack,
+so STACK bytes, not LOCAL, are the spills), shared memory, the MMA instructions the dots became (`wgmma`: Hopper's
+warpgroup tensor-core MMA; `mma.sync`: the Ampere-style one), whether loads use TMA (`cp.async.bulk.tensor`), and
+the theoretical CTAs per SM (registers, shared memory, threads). Exit status 1, naming the rows, when a shipped
+config exceeds the architecture's limits (255 registers per thread; 227 KB of shared memory per CTA on sm_90,
+163 KB on sm_80); 2 on bad input.
+
+The contract with the kernel modules
+------------------------------------
+A kernel module joins by defining `inspect_cases()` and being named in `MODULES` below. `inspect_cases()` returns
+a list of dicts, one per (kernel, launch config, representative problem):
+
+    {"kernel": "attention_fwd",                 # the kernel's name in the table
+     "fn": _attn_fwd,                           # the @triton.jit function (not the autotuner)
+     "signature": {"Q": "*bf16", "seed": "i32", "sm_scale": "fp32", ..., "BLOCK_M": "constexpr"},
+     "constexprs": {"CAUSAL": True, "BLOCK_M": 128, ...},   # every constexpr parameter's value
+     "config": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+     "problem": {"dtype": "bf16", "head_dim": 64, ...} or {"dtype": ..., "width": 768, ...},
+     "values": {"stride_qm": 2304, ...}}        # optional: integer arguments' values at that problem
+
+with the configs taken from the same lists (or helpers) the launcher uses, never copied. `values` lets the
+inspection specialize integer arguments the way Triton's JIT does at launch (a multiple of 16 is compiled with
+`tt.divisibility=16`, which decides vectorized and TMA-able accesses); pointer arguments are taken as 16-byte
+aligned (torch's allocations are), except parameters the kernel marks `do_not_specialize`. `launch_case()` below
+builds such a dict from the arguments as the launcher passes them (torch dtypes for tensors, ints, floats).
+"""
+import argparse
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# the kernel modules, each with an inspect_cases(): a new module joins here
+MODULES = ["kernels.attention", "kernels.layer_norm", "kernels.gelu"]
+
+# per architecture: compute capability, registers per SM, registers per thread (max), shared memory per SM and
+# per CTA (bytes), threads per SM, CTAs per SM (the CUDA occupancy tables; 1 KB per CTA is reserved by the system)
+ARCHS = {
+    "sm_90": dict(capability=90, regs_per_sm=65536, max_regs=255, smem_per_sm=228 * 1024, smem_per_cta=227 * 1024,
+                  threads_per_sm=2048, ctas_per_sm=32),
+    "sm_80": dict(capability=80, regs_per_sm=65536, max_regs=255, smem_per_sm=164 * 1024, smem_per_cta=163 * 1024,
+                  threads_per_sm=2048, ctas_per_sm=32),
+}
+ROW_KEYS = ("id", "kernel", "config", "arch", "problem", "registers", "spill_bytes", "shared_bytes", "mma", "tma",
+            "ctas_per_sm")
+
+_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "i8", "int32": "i32",
+                 "int64": "i64"}
+
+
+def launch_case(kernel, fn, config, problem, args):
+    """One inspect case from the arguments a launcher passes `fn` (every parameter, by name): torch dtypes stand
+    for tensors, ints and floats for scalars, and constexpr parameters take their values; `config` holds the
+    meta-parameters (BLOCK_M, ...) and num_warps/num_stages (extra keys, such as a list's own bookkeeping, are
+    ignored unless they name a parameter of fn)."""
+    meta = {k: v for k, v in config.items() if k in fn.arg_names}
+    args = {**args, **meta}
+    missing = [p for p in fn.arg_names if p not in args]
+    if missing:
+        raise ValueError(f"{kernel}: inspect case lacks argument(s) {', '.join(missing)}")
+    signature, constexprs, values = {}, {}, {}
+    for param in fn.params:
+        value = args[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif hasattr(value, "is_floating_point"):  # a torch.dtype: a pointer to it
+            signature[param.name] = "*" + _TRITON_TYPES[str(value).replace("torch.", "")]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            values[param.name] = value
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel}: cannot describe argument {param.name}={value!r}")
+    launch = {k: v for k, v in config.items() if k in meta or k in ("num_warps", "num_stages")}
+    return {"kernel": kernel, "fn": fn, "signature": signature, "constexprs": constexprs, "config": launch,
+            "problem": dict(problem), "values": values}
+
+
+def collect(kernels=None, select=None):
+    """Every case of every module in MODULES (those of the named kernels only, if given; those for which
+    select(case) is true, if given)."""
+    cases = []
+    for name in MODULES:
+        module = importlib.import_module(name)
+        cases += [c for c in module.inspect_cases()
+                  if (not kernels or c["kernel"] in kernels) and (select is None or select(c))]
+    return cases
+
+
+def case_id(case, arch):
+    parts = [case["kernel"]]
+    parts += [f"{k}{v}" for k, v in sorted(case["problem"].items()) if not isinstance(v, bool)]
+    parts += [k for k, v in sorted(case["problem"].items()) if v is True]
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_D": "D", "num_warps": "w", "num_stages": "s"}
+    parts += [f"{short.get(k, k)}{v}" for k, v in case["config"].items()]
+    parts.append(arch)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(str(p) for p in parts))
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+
+
+def _attrs(case, target_backend):
+    """The specialization Triton's JIT applies at launch: 16-byte-aligned pointers, multiples of 16."""
+    fn = case["fn"]
+    attrs = {}
+    for i, param in enumerate(fn.params):
+        kind = case["signature"][param.name]
+        if kind == "constexpr" or param.do_not_specialize:
+            continue
+        if kind.startswith("*") or case.get("values", {}).get(param.name, 1) % 16 == 0:
+            attrs[(i,)] = target_backend.parse_attr("D")
+    return attrs
+
+
+def _cuobjdump():
+    import triton
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if path.is_file():
+        return str(path)
+    found = shutil.which("cuobjdump")
+    if not found:
+        raise RuntimeError("cuobjdump not found: neither in the triton wheel nor on PATH")
+    return found
+
+
+def resource_usage(cubin: bytes):
+    """(registers, stack bytes) of the cubin's one kernel, from `cuobjdump -res-usage`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if not match:
+        raise RuntimeError(f"cannot read cuobjdump's resource usage: {out[-500:]}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def mma_kind(ptx: str) -> str:
+    wgmma = "wgmma.mma_async" in ptx
+    sync = re.search(r"\bmma\.sync\.", ptx) is not None
+    return {(True, True): "wgmma+mma.sync", (True, False): "wgmma", (False, True): "mma.sync"}.get((wgmma, sync),
+                                                                                                     "none")
+
+
+def ctas_per_sm(arch, registers, shared_bytes, num_warps):
+    """Theoretical CTAs per SM, limited by registers (allocated per warp in units of 256), shared memory (plus the
+    1 KB the system reserves per CTA), threads and the CTA count."""
+    a = ARCHS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = a["regs_per_sm"] // (regs_per_warp * num_warps)
+    by_smem = a["smem_per_sm"] // (shared_bytes + 1024) if shared_bytes <= a["smem_per_cta"] else 0
+    by_threads = a["threads_per_sm"] // (32 * num_warps)
+    return max(0, min(by_regs, by_smem, by_threads, a["ctas_per_sm"]))
+
+
+def compile_case(case, arch, dump=None):
+    """Compile one case for `arch` and measure it: a row of the report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", ARCHS[arch]["capability"], 32)
+    backend = make_backend(target)
+    constexprs = {(case["fn"].arg_names.index(k),): v for k, v in case["constexprs"].items()}
+    source = ASTSource(fn=case["fn"], signature=case["signature"], constexprs=constexprs,
+                       attrs=_attrs(case, backend))
+    options = {k: case["config"][k] for k in ("num_warps", "num_stages") if k in case["config"]}
+    compiled = triton.compile(source, target=target, options=options)
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    registers, stack = resource_usage(cubin)
+    shared = int(compiled.metadata.shared)
+    num_warps = compiled.metadata.num_warps
+    row_id = case_id(case, arch)
+    if dump:
+        Path(dump, f"{row_id}.cubin").write_bytes(cubin)
+        Path(dump, f"{row_id}.ptx").write_text(ptx)
+    config = dict(case["config"])
+    config.setdefault("num_warps", num_warps)
+    config.setdefault("num_stages", compiled.metadata.num_stages)
+    return {"id": row_id, "kernel": case["kernel"], "config": config, "arch": arch, "problem": case["problem"],
+            "registers": registers, "spill_bytes": stack, "shared_bytes": shared, "mma": mma_kind(ptx),
+            "tma": "cp.async.bulk.tensor" in ptx, "ctas_per_sm": ctas_per_sm(arch, registers, shared, num_warps)}
+
+
+_WORKER_CASES = None
+
+
+def _worker_init(cases):
+    global _WORKER_CASES
+    _WORKER_CASES = cases
+
+
+def _worker_compile(index, arch, dump):
+    return compile_case(_WORKER_CASES[index], arch, dump)
+
+
+def inspect(arch="sm_90", kernels=None, jobs=2, dump=None, select=None):
+    """Compile every case for `arch` (in `jobs` processes) and return the rows, in the cases' order."""
+    cases = collect(kernels, select)
+    if jobs <= 1 or len(cases) < 2:
+        return [compile_case(c, arch, dump) for c in cases]
+    # forked workers inherit the cases (jit functions do not pickle) and are handed indices
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(cases,)) as pool:
+        return list(pool.map(_worker_compile, range(len(cases)), [arch] * len(cases), [dump] * len(cases)))
+
+
+# ------------------------------------------------------------------------------------------------ checking
+
+
+def over_limits(row):
+    """Why a row exceeds its architecture's hard limits (it could not launch), or None."""
+    a = ARCHS[row["arch"]]
+    why = []
+    if row["registers"] > a["max_regs"]:
+        why.append(f"{row['registers']} registers > {a['max_regs']}")
+    if row["shared_bytes"] > a["smem_per_cta"]:
+        why.append(f"{row['shared_bytes']} B shared memory > {a['smem_per_cta']} B")
+    return "; ".join(why) or None
+
+
+def problems_of(row):
+    """Why a row would be slow or could not run: over the limits, spilling, or (fp16/bf16 attention on sm_90)
+    dots off wgmma. An empty list for a clean row."""
+    why = [w for w in [over_limits(row)] if w]
+    if row["spill_bytes"]:
+        why.append(f"spills {row['spill_bytes']} B")
+    if (row["arch"] == "sm_90" and row["kernel"].startswith("attention") and row["mma"] not in ("wgmma", "none")
+            and row["problem"].get("dtype") in ("fp16", "bf16")):
+        why.append(f"dots on {row['mma']}, not wgmma only")
+    return why
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def _fmt_config(config):
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "num_warps": "w", "num_stages": "s"}
+    return " ".join(f"{short.get(k, k)}{v}" for k, v in config.items())
+
+
+def _fmt_problem(problem):
+    parts = []
+    for k, v in problem.items():
+        if isinstance(v, bool):
+            if v:
+                parts.append(k)
+        else:
+            parts.append(f"{'D=' if k == 'head_dim' else 'N=' if k == 'width' else ''}{v}")
+    return " ".join(parts)
+
+
+def table(rows, markdown=False):
+    header = ["kernel", "problem", "config", "regs", "spill B", "smem KB", "mma", "tma", "CTAs/SM", "note"]
+    body = []
+    for r in rows:
+        body.append([r["kernel"], _fmt_problem(r["problem"]), _fmt_config(r["config"]), str(r["registers"]),
+                     str(r["spill_bytes"]), f"{r['shared_bytes'] / 1024:.1f}", r["mma"], "yes" if r["tma"] else "no",
+                     str(r["ctas_per_sm"]), "; ".join(problems_of(r))])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def summary(rows):
+    bad = [r for r in rows if problems_of(r)]
+    return (f"{len(rows)} rows, {len({r['kernel'] for r in rows})} kernels; {len(bad)} rows spill, leave wgmma or "
+            f"exceed the limits; {sum(1 for r in rows if over_limits(r))} exceed the limits")
+
+
+def _error(message):
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="sm_90", help=f"target: {', '.join(ARCHS)} (default sm_90)")
+    parser.add_argument("--json", metavar="FILE", help='write {"rows": [...]} to FILE')
+    parser.add_argument("--dump", metavar="DIR", help="write each row's <id>.cubin and <id>.ptx into DIR")
+    parser.add_argument("--markdown", metavar="FILE", help="write the table as Markdown to FILE")
+    parser.add_argument("--kernel", action="append", help="only this kernel (repeatable), e.g. attention_fwd")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
+    args = parser.parse_args(argv)
+    if args.arch not in ARCHS:
+        return _error(f"--arch {args.arch} is not supported: choose one of {', '.join(ARCHS)}")
+    if args.jobs < 1:
+        return _error(f"--jobs {args.jobs} must be at least 1")
+    if args.kernel:
+        known = {c["kernel"] for c in collect()}
+        unknown = sorted(set(args.kernel) - known)
+        if unknown:
+            return _error(f"unknown kernel {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
+    for path in (args.json, args.markdown):
+        if path and not Path(path).resolve().parent.is_dir():
+            return _error(f"the folder of {path} does not exist")
+    if args.dump:
+        Path(args.dump).mkdir(parents=True, exist_ok=True)
+
+    rows = inspect(args.arch, args.kernel, args.jobs, args.dump)
+    print(table(rows))
+    print(summary(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table(rows, markdown=True) + "\n")
+    failed = [r for r in rows if over_limits(r)]
+    for r in failed:
+        print(f"over the {r['arch']} limits: {r['id']}: {over_limits(r)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _reexec_without_interpreter():
+    """Compiling for a GPU needs Triton's real frontend: TRITON_INTERPRET must be unset before triton is imported
+    (`python -m kernels.inspect` imports the kernels package, hence triton, first), so run again without it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    os.execve(sys.executable, [sys.executable, "-m", "kernels.inspect", *sys.argv[1:]], env)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        _reexec_without_interpreter()
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Every launch config the kernels can choose on a GPU, executed (on a CPU: through Triton's interpreter, which
+otherwise launches one small fixed config) at small shapes with tails, in float32 and float16.
+
+The config lists are read from the kernel modules, so a config added there is tested here the day it is added.
+Attention: each entry of FWD_CONFIGS / DKDV_CONFIGS / DQ_CONFIGS is forced onto its kernel with
+`kernels.attention.forced_configs`, at every BLOCK_D it is shipped for among 64 and 128 (the model's head dims),
+with T and Tk no multiple of any block. LayerNorm / GELU: their launch parameters are a function of the row width,
+so `launch_config` is made to answer as on a GPU, at widths that fall in each block size's bracket with a tail.
+"""
+import functools
+import importlib
+import math
+
+import pytest
+import torch
+
+from helpers import DEVICE
+from kernels.testing import REDUCTION_FACTOR, relative_error, tolerance
+
+attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is also the function
+layer_norm_module = importlib.import_module("kernels.layer_norm")
+gelu_module = importlib.import_module("kernels.gelu")
+
+DTYPES = [torch.float32, torch.float16]
+HEAD_DIM_FOR_BLOCK_D = {64: 48, 128: 80}  # padded head dims: D < BLOCK_D exercises the masked columns
+
+
+def _config_id(c):
+    return f"M{c['BLOCK_M']}-N{c['BLOCK_N']}-w{c['num_warps']}-s{c['num_stages']}"
+
+
+def _attention_cases():
+    cases = []
+    for kernel, configs in (("fwd", attention_module.FWD_CONFIGS), ("dkdv", attention_module.DKDV_CONFIGS),
+                            ("dq", attention_module.DQ_CONFIGS)):
+        for config in configs:
+            for block_d in sorted(set(config["block_ds"]) & set(HEAD_DIM_FOR_BLOCK_D)):
+                cases.append(pytest.param(kernel, config, HEAD_DIM_FOR_BLOCK_D[block_d],
+                                          id=f"{kernel}-{_config_id(config)}-D{HEAD_DIM_FOR_BLOCK_D[block_d]}"))
+    return cases
+
+
+def _reference(q, k, v, causal, keep=None, dropout_p=0.0):
+    q, k, v = q.double(), k.double(), v.double()
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if causal:
+        T = q.shape[-2]
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if keep is not None:
+        p = p * keep / (1.0 - dropout_p)
+    return p @ v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernel, config, head_dim", _attention_cases())
+def test_attention_config(kernel, config, head_dim, dtype):
+    """Causal, T=100; and (float32) cross-attention 45 queries x 100 keys with dropout: each config's output (fwd)
+    or its gradients (dK/dV, dQ) against float64."""
+    problems = [(100, 100, True, 0.0)] + ([(45, 100, False, 0.25)] if dtype == torch.float32 else [])
+    for Tq, Tk, causal, dropout_p in problems:
+        torch.manual_seed(0)
+        q = torch.randn(1, 2, Tq, head_dim, dtype=dtype, device=DEVICE, requires_grad=True)
+        k, v = (torch.randn(1, 2, Tk, head_dim, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
+        with attention_module.forced_configs(**{kernel: config}):
+            o, seed = attention_module.last_seed_of(q, k, v, causal=causal, dropout_p=dropout_p)
+            do = torch.randn_like(o)
+            grads = torch.autograd.grad(o, (q, k, v), do)
+        keep = (attention_module.dropout_mask(1, 2, Tq, Tk, dropout_p, seed, device=DEVICE) if dropout_p
+                else None)
+        o_ref = _reference(q, k, v, causal, keep, dropout_p)
+        grads_ref = torch.autograd.grad(o_ref, (q, k, v), do.double())
+        tol = tolerance(dtype, "matmul")
+        what = f"{kernel} {_config_id(config)} Tq={Tq} Tk={Tk} causal={causal} dropout={dropout_p}"
+        assert relative_error(o, o_ref) <= tol, f"output, {what}"
+        checked = {"fwd": "", "dkdv": "kv", "dq": "q"}[kernel]
+        for name, g, g_ref in zip("qkv", grads, grads_ref):
+            if name in checked:
+                assert relative_error(g, g_ref, scale=do) <= tol, f"d{name}, {what}"
+
+
+def test_forced_configs_reach_the_launch():
+    """The hook the tests above rely on: a forced config is the one launched (an invalid one fails), and the
+    autotuner's choice comes back afterwards."""
+    q = torch.randn(1, 1, 40, 32, device=DEVICE)
+    bad = dict(attention_module.FWD_CONFIGS[0], BLOCK_M=48)  # not a power of two: tl.arange refuses it
+    with pytest.raises(Exception, match="power of 2|power of two"):
+        with attention_module.forced_configs(fwd=bad):
+            attention_module.attention(q, q, q)
+    torch.testing.assert_close(attention_module.attention(q, q, q), _reference(q, q, q, True).to(q.dtype))
+    with pytest.raises(ValueError, match="unknown kernel"):
+        with attention_module.forced_configs(bwd=bad):
+            pass
+
+
+@pytest.mark.parametrize("kernel, multiple, of", [("forward", "BLOCK_M", "BLOCK_N"), ("dQ", "BLOCK_M", "BLOCK_N"),
+                                                  ("dK/dV", "BLOCK_N", "BLOCK_M")])
+def test_block_shape_invariant_is_enforced(kernel, multiple, of):
+    """The kernels' loops need BLOCK_M a multiple of BLOCK_N (forward, dQ) or the reverse (dK/dV): a config that
+    breaks it is refused where the lists are built, loudly."""
+    bad = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, block_ds=(64,))
+    bad[of] = 128
+    with pytest.raises(ValueError, match=f"{multiple} must be a multiple of {of}"):
+        attention_module._check_block_shapes(kernel, [bad], multiple, of)
+    for configs, m, o in ((attention_module.FWD_CONFIGS, "BLOCK_M", "BLOCK_N"),
+                          (attention_module.DQ_CONFIGS, "BLOCK_M", "BLOCK_N"),
+                          (attention_module.DKDV_CONFIGS, "BLOCK_N", "BLOCK_M")):
+        assert all(c[m] % c[o] == 0 for c in configs)
+
+
+def test_every_head_dim_has_a_config():
+    for configs in (attention_module.FWD_CONFIGS, attention_module.DKDV_CONFIGS, attention_module.DQ_CONFIGS):
+        for block_d in attention_module.ALL_BLOCK_DS:
+            assert attention_module.configs_for(configs, block_d), block_d
+
+
+# ------------------------------------------------------------------------------------------------ LayerNorm, GELU
+
+# one width in each bracket of the GPU launch (LayerNorm BLOCK_N 128 / 1024 / 2048 / 4096; GELU 128 and 1024-wide
+# column blocks, one to three of them), none a power of two
+ROW_WIDTHS = [100, 700, 1600, 3000]
+
+
+@pytest.fixture
+def gpu_launch(monkeypatch):
+    """LayerNorm and GELU launch with the parameters they use on a GPU."""
+    monkeypatch.setattr(layer_norm_module, "launch_config",
+                        functools.partial(layer_norm_module.launch_config, interpreter=False))
+    monkeypatch.setattr(gelu_module, "launch_config", functools.partial(gelu_module.launch_config, interpreter=False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", ROW_WIDTHS)
+def test_layer_norm_gpu_config(gpu_launch, N, dtype):
+    launch = layer_norm_module.launch_config(N, torch.empty((), dtype=dtype).element_size())
+    M = 2 * launch["BLOCK_M"] + 3  # a partial row tile
+    torch.manual_seed(0)
+    x = (torch.randn(M, N, dtype=torch.float64) * 2 + 1).to(dtype).to(DEVICE).requires_grad_()
+    w = torch.randn(N, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+    b = torch.randn(N, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+    y = layer_norm_module.layer_norm(x, w, b)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y_ref = torch.nn.functional.layer_norm(xd, (N,), wd, bd)
+    grads_ref = torch.autograd.grad(y_ref, (xd, wd, bd), dy.double())
+    tol = tolerance(dtype)
+    assert relative_error(y, y_ref) <= tol, f"y {launch}"
+    for name, g, g_ref, factor in zip(("dx", "dw", "db"), grads, grads_ref, (1, REDUCTION_FACTOR, REDUCTION_FACTOR)):
+        assert relative_error(g, g_ref, scale=dy) <= tol * factor, f"{name} {launch}"
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", ROW_WIDTHS)
+def test_gelu_gpu_config(gpu_launch, N, dtype, approximate):
+    launch = gelu_module.launch_config(N)
+    M = 2 * launch["BLOCK_M"] + 3  # more than one program (row tile), the last one partial
+    torch.manual_seed(0)
+    x = torch.randn(M, N, dtype=torch.float64).mul(3).to(dtype).to(DEVICE).requires_grad_()
+    bias = torch.randn(N, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+    y = gelu_module.gelu(x, bias, approximate)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, bias), dy)
+    xd, bd = (t.detach().double().requires_grad_() for t in (x, bias))
+    y_ref = torch.nn.functional.gelu(xd + bd, approximate=approximate)
+    grads_ref = torch.autograd.grad(y_ref, (xd, bd), dy.double())
+    tol = tolerance(dtype)
+    assert relative_error(y, y_ref) <= tol
+    assert relative_error(grads[0], grads_ref[0], scale=dy) <= tol
+    assert relative_error(grads[1], grads_ref[1], scale=dy) <= tol * REDUCTION_FACTOR
+
+
+def test_gpu_launch_parameters_differ_from_the_interpreters():
+    """The fixture above matters: on the CPU the launchers pick other (interpreter) parameters by themselves."""
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the launchers use the GPU parameters anyway")
+    assert layer_norm_module.launch_config(100, 4) != layer_norm_module.launch_config(100, 4, interpreter=False)
+    assert gelu_module.launch_config(100) != gelu_module.launch_config(100, interpreter=False)
