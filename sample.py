@@ -8,9 +8,9 @@ Every key and its default: python sample.py --help
 """
 import sys
 
-from nanogpt.checkpoint import CheckpointError
-from nanogpt.config import ConfigError, SampleConfig, cli_config, validate_sample
-from nanogpt.generate import run_sample
+from nanogpt.config import SampleConfig, cli_config, exit_with_error, validate_sample
+from nanogpt.errors import UserError
+from nanogpt.sampling import run_sample
 
 
 def main(argv):
@@ -18,9 +18,8 @@ def main(argv):
                      validate_sample)
     try:
         run_sample(cfg)
-    except (ConfigError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except UserError as e:  # bad config, checkpoint, data, prompt, pretrained weights: one line, exit 2
+        exit_with_error(e)
     return 0
 
 

@@ -9,24 +9,21 @@ Every key and its default: python train.py --help
 """
 import sys
 
-from nanogpt.checkpoint import CheckpointError
-from nanogpt.config import ConfigError, TrainConfig, cli_config, validate_train
-from nanogpt.data import DataError
-from nanogpt.trainer import Trainer, TrainingDiverged
+from nanogpt.config import TrainConfig, cli_config, exit_with_error
+from nanogpt.errors import UserError
+from nanogpt.trainer import Trainer
 
 
 def main(argv):
-    cfg = cli_config(TrainConfig, argv, "usage: python train.py [config_file.py ...] [--key=value ...]",
-                     validate_train)
+    cfg = cli_config(TrainConfig, argv, "usage: python train.py [config_file.py ...] [--key=value ...]")
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg)  # validates the config (once, knowing the number of processes)
         try:
             trainer.train()
         finally:
             trainer.close()
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except UserError as e:  # bad config, data, checkpoint, pretrained weights, a diverged loss: one line, exit 2
+        exit_with_error(e)
     return 0
 
 

@@ -6,14 +6,17 @@
 
 Prints ms/iter, tokens/s and MFU (nanoGPT's estimate_mfu convention; n/a where the device's peak is unknown).
 """
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from nanogpt.config import ConfigError, TrainConfig, _opt, check_compile, cli_config, resolve_device, resolve_dtype
+from nanogpt.config import ConfigError, TrainConfig, check_model_shape, cli_config, exit_with_error, option
+from nanogpt.data import BatchLoader, dataset_dir
+from nanogpt.errors import UserError
+from nanogpt.model import GPT, GPTConfig
+from nanogpt.runtime import check_runtime, setup_runtime
 
 
 def _as_in_train(name):
@@ -29,54 +32,47 @@ class BenchConfig:
     n_layer: int = _as_in_train("n_layer")
     n_head: int = _as_in_train("n_head")
     n_embd: int = _as_in_train("n_embd")
-    vocab_size: int = _opt(50304, "vocabulary (of the random tokens)")
+    vocab_size: int = option(50304, "vocabulary (of the random tokens)")
     dropout: float = _as_in_train("dropout")
     bias: bool = _as_in_train("bias")
     attn: str = _as_in_train("attn")
-    real_data: bool = _opt(False, "read batches from data/<dataset> instead of random tokens")
+    real_data: bool = option(False, "read batches from data/<dataset> instead of random tokens")
     dataset: str = _as_in_train("dataset")
     device: str = _as_in_train("device")
     dtype: str = _as_in_train("dtype")
-    compile: bool = _opt(False, "torch.compile the model (compile time is not timed)")
+    compile: bool = option(False, "torch.compile the model (compile time is not timed)")
     seed: int = _as_in_train("seed")
-    warmup_steps: int = _opt(10, "untimed steps first (compile, autotuning, allocator warm-up)")
-    num_steps: int = _opt(20, "timed steps")
-    profile: bool = _opt(False, "write a torch.profiler chrome trace of a few steps")
-    profile_file: str = _opt("bench_trace.json", "where the trace goes")
+    warmup_steps: int = option(10, "untimed steps first (compile, autotuning, allocator warm-up)")
+    num_steps: int = option(20, "timed steps")
+    profile: bool = option(False, "write a torch.profiler chrome trace of a few steps")
+    profile_file: str = option("bench_trace.json", "where the trace goes")
     peak_flops: float = _as_in_train("peak_flops")
 
 
 def validate(cfg):
-    from nanogpt.backends import available_backends
-    if cfg.attn not in available_backends():
-        raise ConfigError(f"unknown attention backend attn={cfg.attn!r}: choose one of {', '.join(available_backends())}")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    check_model_shape(cfg)
     if cfg.num_steps <= 0:
         raise ConfigError(f"num_steps={cfg.num_steps} must be > 0")
-    device = resolve_device(cfg.device)
-    resolve_dtype(cfg.dtype, device)
-    check_compile(cfg.compile, device)
+    if cfg.real_data:
+        dataset_dir(cfg.dataset)
+    check_runtime(cfg.device, cfg.dtype, cfg.compile)
 
 
 def main(argv):
     cfg = cli_config(BenchConfig, argv, "usage: python -m bench [config_file.py] [--key=value ...]", validate)
-    from nanogpt.model import GPT, GPTConfig
-    from nanogpt.trainer import PTDTYPE
+    try:
+        return run(cfg)
+    except UserError as e:  # e.g. --real_data=True on a dataset that is not prepared: one line, exit 2
+        exit_with_error(e)
 
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    device_type = device.split(":")[0]
-    dtype = resolve_dtype(cfg.dtype, device)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = (contextlib.nullcontext() if dtype == "float32"
-                else torch.amp.autocast(device_type=device_type, dtype=PTDTYPE[dtype]))
+
+def run(cfg):
+    rt = setup_runtime(cfg.device, cfg.dtype, seed=cfg.seed)
+    device, device_type, dtype = rt.device, rt.device_type, rt.dtype
+    autocast = rt.autocast
 
     if cfg.real_data:
-        from nanogpt.data import BatchLoader, data_root
-        loader = BatchLoader(data_root() / cfg.dataset, cfg.block_size, cfg.batch_size, device, seed=cfg.seed)
+        loader = BatchLoader(dataset_dir(cfg.dataset), cfg.block_size, cfg.batch_size, device, seed=cfg.seed)
         get_batch = lambda: next(loader.train_step(1))  # noqa: E731
     else:
         x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
@@ -97,9 +93,7 @@ def main(argv):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def sync():
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+    sync = rt.synchronize
 
     print(f"{model.get_num_params() / 1e6:.2f}M parameters, attn={cfg.attn}, compile={cfg.compile}, {device}, {dtype}")
     for _ in range(cfg.warmup_steps):

@@ -6,7 +6,7 @@ import torch
 
 from bench.common import WrongResult, gate
 from bench.test_kernels import case
-from nanogpt.backends import Backend, get_backend, naive_attention, register_backend, _REGISTRY
+from nanogpt.backends import Backend, get_backend, naive_attention, register_backend, unregister_backend
 
 
 class RecordingBenchmark:
@@ -53,7 +53,7 @@ def test_a_backend_off_by_one_percent_is_refused_before_timing():
              torch.float32, "fwd", figure=lambda s: {})
         assert bench.timed
     finally:
-        _REGISTRY.pop("off_by_1pct")
+        unregister_backend("off_by_1pct")
 
 
 def test_non_finite_output_is_refused():

@@ -100,6 +100,9 @@ def collect(kernels=None, select=None, arch="sm_90"):
     """Every case of every module in MODULES (those of the named kernels only, if given; those for which
     select(case) is true, if given). A module whose inspect_cases() takes an `arch` argument gets the target's
     name, for kernels whose launch picks a different code path per architecture (attention: TMA on sm_90)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("kernels.inspect compiles for a GPU target: TRITON_INTERPRET must be unset before triton is "
+                           "imported (python -m kernels.inspect re-executes itself without it)")
     cases = []
     for name in MODULES:
         module = importlib.import_module(name)

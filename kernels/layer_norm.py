@@ -1,17 +1,20 @@
-"""LayerNorm over the last dimension, forward and backward, in Triton.
+"""LayerNorm over the last dimension, forward and backward, in Triton; optionally fused with the residual add
+before it (a pre-LN transformer's `x = x + branch(...); h = ln(x)`, as `add_layer_norm`).
 
-    y = (x - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps),   var the biased variance
+    y = (h - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps),   var the biased variance,   h = x (+ residual)
 
-Forward: each program holds whole rows in registers (one row when they are wide, a tile of rows when
-narrow), computes mean then the variance of (x - mean) in fp32 (two passes over registers: no E[x^2] - E[x]^2 cancellation for rows with a large mean),
-writes y and saves mean and rstd for backward.
+Forward: each program holds whole rows in registers (one row when they are wide, a tile of rows when narrow),
+adds the residual and stores h (the stream's dtype) if there is one, computes mean then the variance of
+(h - mean) in fp32 (two passes over registers: no E[h^2] - E[h]^2 cancellation for rows with a large mean), writes
+y (in the autocast dtype under torch.autocast: it feeds a matmul) and saves mean and rstd for backward.
 
-Backward, with xhat = (x - mean) * rstd and wdy = w * dy:
-    dx = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))
-    dw = sum over rows of dy * xhat,   db = sum over rows of dy
-A fixed number of programs each walk a strided set of row tiles, compute dx in the same row pass and keep
-their dw/db partial sums in registers; a second small kernel adds the partial sums. No atomics: the result
-is deterministic and there is no contention whatever the number of rows.
+Backward, with hhat = (h - mean) * rstd and wdy = w * dy:
+    dh = rstd * (wdy - hhat * mean(hhat * wdy) - mean(wdy))  (+ the gradient reaching h directly, if fused)
+    dw = sum over rows of dy * hhat,   db = sum over rows of dy
+Two programs per SM each walk a contiguous run of rows, compute dh in the same row pass and add each tile's column
+sums into 1-D dw/db accumulators (a few registers per thread); one small launch then adds the programs' partial
+sums. No atomics: the result is deterministic and there is no contention whatever the number of rows. x and the
+residual both receive dh.
 """
 import torch
 import triton
@@ -21,8 +24,9 @@ from kernels._common import check_device, check_float, interpreting, num_program
 
 
 @triton.jit
-def _layer_norm_fwd(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, eps,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _layer_norm_fwd(X, Residual, H, Y, W, B, Mean, Rstd, stride_x, stride_r, stride_h, stride_y, M, N, eps,
+                    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     # BLOCK_M whole rows per program (1 for wide rows; several for narrow ones, to keep programs busy)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -30,6 +34,13 @@ def _layer_norm_fwd(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, eps,
     mask = row_mask[:, None] & (cols[None, :] < N)
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        # h = x + residual, stored in the stream's dtype; the normalization reads h as stored (rounded), which
+        # is what the backward pass reads back and what the unfused `LN(x + residual)` normalizes
+        x += tl.load(Residual + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = x.to(H.dtype.element_ty)
+        tl.store(H + rows64[:, None] * stride_h + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
     mean = tl.sum(x, axis=1) / N
     xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / N
@@ -44,19 +55,22 @@ def _layer_norm_fwd(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, eps,
 
 
 @triton.jit
-def _layer_norm_bwd_dx(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, stride_dy, stride_x, stride_dx,
-                       M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # program p handles row tiles p, p + P, p + 2P, ... and keeps its dw/db partial sums in registers
+def _layer_norm_bwd(DY, DH, X, W, Mean, Rstd, DX, DW_partial, DB_partial, stride_dy, stride_dh, stride_x, stride_dx,
+                    M, N, rows_per_program, HAS_DH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    # program p owns the contiguous rows [p * rows_per_program, (p + 1) * rows_per_program), walks them BLOCK_M at
+    # a time, and adds each tile's dw/db column sums into 1-D accumulators: BLOCK_N / threads registers each
     pid = tl.program_id(0)
-    num_progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tile in range(pid, tl.cdiv(M, BLOCK_M), num_progs):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row0 in range(row_start, row_end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -68,25 +82,37 @@ def _layer_norm_bwd_dx(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, stride_
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DH:  # the gradient reaching the fused residual sum h directly (the stream's skip path)
+            dx += tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw_acc += dy * xhat
+        dw_acc += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
-            db_acc += dy
-    tl.store(DW_partial + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+            db_acc += tl.sum(dy, axis=0)
+    tl.store(DW_partial + pid * N + cols, dw_acc, mask=col_mask)
     if HAS_BIAS:
-        tl.store(DB_partial + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+        tl.store(DB_partial + pid * N + cols, db_acc, mask=col_mask)
 
 
 @triton.jit
-def _sum_partials(Partial, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Out[n] = sum over p of Partial[p, n], for a (P, N) fp32 buffer; one program per BLOCK_N columns."""
+def _sum_partials(DW_partial, DB_partial, DW, DB, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DW[n] = sum over p of DW_partial[p, n] (program_id(1) == 0), and the same for DB (program_id(1) == 1), for
+    (P, N) fp32 buffers: dweight and dbias in one launch, one program per BLOCK_N columns of each."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    is_db = tl.program_id(1) == 1
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         rows = p0 + tl.arange(0, BLOCK_P)
+        offsets = rows[:, None] * N + cols[None, :]
         mask = (rows[:, None] < P) & (cols[None, :] < N)
-        acc += tl.load(Partial + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < N)
+        if is_db:
+            acc += tl.load(DB_partial + offsets, mask=mask, other=0.0)
+        else:
+            acc += tl.load(DW_partial + offsets, mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if is_db:
+        tl.store(DB + cols, total.to(DB.dtype.element_ty), mask=cols < N)
+    else:
+        tl.store(DW + cols, total.to(DW.dtype.element_ty), mask=cols < N)
 
 
 def _block_n(N: int, element_size: int) -> int:
@@ -102,24 +128,45 @@ def _warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
-def _rows_per_program(block_n: int, interpreter: bool | None = None) -> int:
-    """Rows per tile: ~4K elements on a GPU (narrow rows share a program), ~64K under the interpreter,
-    where each program costs Python time and wide numpy tiles cost little. `interpreter`: which of the two
-    (default: where this process runs; `python -m kernels.inspect` asks for the GPU's)."""
-    if interpreter is None:
-        interpreter = interpreting()
+def _rows_per_program(block_n: int, interpreter: bool) -> int:
+    """Forward: rows per program, ~4K elements on a GPU (narrow rows share a program), ~64K under the
+    interpreter, where each program costs Python time and wide numpy tiles cost little."""
     budget = 65536 if interpreter else 4096
     return max(1, min(128, budget // block_n))
 
 
-# the reduction of the per-program dw/db partial sums: a fixed launch
-SUM_PARTIALS_CONFIG = dict(BLOCK_P=32, BLOCK_N=128, num_warps=4)
+def _bwd_rows_per_tile(block_n: int, interpreter: bool) -> int:
+    """Backward: rows per loop step, ~2K elements on a GPU (two rows at width 768, one from 1025 up), launched with
+    _warps(rows * block_n) warps: 8 elements per thread of each of x, dy, xhat, w and the two 1-D accumulators
+    (fewer), which keeps the kernel near 80 registers; ~64K elements under the interpreter (see _rows_per_program)."""
+    budget = 65536 if interpreter else 2048
+    return max(1, min(128, budget // block_n))
 
 
-def launch_config(N: int, element_size: int, interpreter: bool | None = None) -> dict:
-    """The forward's and the backward's (dx) launch parameters for rows of N elements."""
+def launch_config(N: int, element_size: int, interpreter: bool | None = None, backward: bool = False) -> dict:
+    """The forward's (or the backward's) launch parameters for rows of N elements; element_size: the narrowest
+    of the tensors a row is read from or written to. `interpreter`: which parameters, the interpreter's or a GPU's
+    (default: where this process runs; `python -m kernels.inspect` and the config tests ask for the GPU's)."""
+    if interpreter is None:
+        interpreter = interpreting()
     block_n = _block_n(N, element_size)
-    return dict(BLOCK_M=_rows_per_program(block_n, interpreter), BLOCK_N=block_n, num_warps=_warps(block_n))
+    if not backward:
+        return dict(BLOCK_M=_rows_per_program(block_n, interpreter), BLOCK_N=block_n, num_warps=_warps(block_n),
+                    num_stages=1)
+    block_m = _bwd_rows_per_tile(block_n, interpreter)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n), num_stages=1)
+
+
+def _bwd_programs(M: int, block_m: int, programs_hint: int) -> tuple[int, int]:
+    """(programs, rows per program): about programs_hint programs, each a run of whole tiles."""
+    tiles = triton.cdiv(M, block_m)
+    rows_per_program = triton.cdiv(tiles, max(1, min(tiles, programs_hint))) * block_m  # only the last tile has a tail
+    return triton.cdiv(M, rows_per_program), rows_per_program
+
+
+BWD_PROGRAMS_PER_SM = 2  # the backward's persistent programs: two per SM, each a contiguous run of rows
+# the reduction of the per-program dw/db partial sums: a fixed launch, 48 programs at width 768
+SUM_PARTIALS_CONFIG = dict(BLOCK_P=128, BLOCK_N=32, num_warps=4, num_stages=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,83 +176,133 @@ def launch_config(N: int, element_size: int, interpreter: bool | None = None) ->
 
 
 @torch.library.custom_op("nanogpt_kernels::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, mean, rstd): h = x + residual and y = LayerNorm(h) in out_dtype (default: h's dtype). Without a
+    residual y = LayerNorm(x) and h is an empty tensor (an output may not alias the input x)."""
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     M = x2.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    stream_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty((M, N), dtype=out_dtype or stream_dtype, device=x.device)
+    h = torch.empty((M, N) if residual is not None else (0,), dtype=stream_dtype, device=x.device)
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
-        launch = launch_config(N, x.element_size())
-        grid = (triton.cdiv(M, launch["BLOCK_M"]),)
-        _layer_norm_fwd[grid](x2, y, weight, bias if bias is not None else weight, mean, rstd,
-                              x2.stride(0), y.stride(0), M, N, eps, HAS_BIAS=bias is not None, **launch)
-    return y.view(x.shape), mean, rstd
+        r2 = _rows(residual) if residual is not None else x2
+        config = launch_config(N, min(x.element_size(), y.element_size()))
+        _layer_norm_fwd[(triton.cdiv(M, config["BLOCK_M"]),)](
+            x2, r2, h if residual is not None else y, y, weight, bias if bias is not None else weight, mean, rstd,
+            x2.stride(0), r2.stride(0), N, y.stride(0), M, N, eps, HAS_RESIDUAL=residual is not None,
+            HAS_BIAS=bias is not None, **config)
+    return y.view(x.shape), (h.view(x.shape) if residual is not None else h), mean, rstd
 
 
 @_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps):
+def _(x, residual, weight, bias, eps, out_dtype):
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(M, dtype=torch.float32),
+    stream_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    h = x.new_empty(x.shape if residual is not None else (0,), dtype=stream_dtype)
+    return (x.new_empty(x.shape, dtype=out_dtype or stream_dtype), h, x.new_empty(M, dtype=torch.float32),
             x.new_empty(M, dtype=torch.float32))
 
 
+def _rows(t):
+    """t as (rows, N) with unit column stride (a view when it already has one)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 @torch.library.custom_op("nanogpt_kernels::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                       rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layer_norm_bwd_op(dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+                       mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) of y = LayerNorm(x); dh, if given, is a gradient reaching x directly (the fused
+    residual sum's own output) and is added to dx in the same pass."""
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
-    dy2 = dy.reshape(-1, N)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if dy2.stride(-1) != 1:
-        dy2 = dy2.contiguous()
+    x2, dy2 = _rows(x), _rows(dy)
+    dh2 = _rows(dh) if dh is not None else dy2
     M = x2.shape[0]
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     dw = torch.empty(N, dtype=weight.dtype, device=x.device)
     db = torch.empty(N, dtype=weight.dtype, device=x.device)
     if M == 0:
         return dx.view(x.shape), dw.zero_(), db.zero_()
-    launch = launch_config(N, x.element_size())
-    programs = max(1, min(triton.cdiv(M, launch["BLOCK_M"]), num_programs_hint(x.device)))
+    config = launch_config(N, min(x.element_size(), dy.element_size()), backward=True)
+    programs, rows_per_program = _bwd_programs(M, config["BLOCK_M"],
+                                               num_programs_hint(x.device, per_sm=BWD_PROGRAMS_PER_SM))
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else dw_partial
-    _layer_norm_bwd_dx[(programs,)](dy2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
-                                    dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
-                                    HAS_BIAS=has_bias, **launch)
-    grid = (triton.cdiv(N, SUM_PARTIALS_CONFIG["BLOCK_N"]),)
-    _sum_partials[grid](dw_partial, dw, programs, N, **SUM_PARTIALS_CONFIG)
-    if has_bias:
-        _sum_partials[grid](db_partial, db, programs, N, **SUM_PARTIALS_CONFIG)
-    else:
+    _layer_norm_bwd[(programs,)](dy2, dh2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
+                                 dy2.stride(0), dh2.stride(0), x2.stride(0), dx.stride(0), M, N, rows_per_program,
+                                 HAS_DH=dh is not None, HAS_BIAS=has_bias, **config)
+    _sum_partials[(triton.cdiv(N, SUM_PARTIALS_CONFIG["BLOCK_N"]), 2 if has_bias else 1)](
+        dw_partial, db_partial, dw, db, programs, N, **SUM_PARTIALS_CONFIG)
+    if not has_bias:
         db.zero_()
     return dx.view(x.shape), dw, db
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, has_bias):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
-            torch.empty_like(weight))
+def _(dy, dh, x, weight, mean, rstd, has_bias):
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    x, residual, weight, bias, eps, out_dtype = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(x if residual is None else h, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = residual.dtype if residual is not None else None
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, mean, rstd, ctx.has_bias)
-    return dx, dw, (db if ctx.has_bias else None), None
+def _backward(ctx, dy, dh, _dmean, _drstd):
+    normalized_input, weight, mean, rstd = ctx.saved_tensors
+    has_residual = ctx.residual_dtype is not None
+    dh = dh if has_residual else None
+    dsum, dw, db = _layer_norm_bwd_op(dy, dh, normalized_input, weight, mean, rstd, ctx.has_bias)
+    # h = x + residual: both receive dh's total; each in its own dtype (under autocast the stream is fp32 while
+    # the residual branch's output is half)
+    dresidual = dsum.to(ctx.residual_dtype) if has_residual else None
+    return dsum.to(ctx.x_dtype), dresidual, dw, (db if ctx.has_bias else None), None, None
 
 
 _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Under torch.autocast, the autocast dtype: the LayerNorm output feeds a matmul that would cast it to that
+    dtype anyway, so writing it there saves a pass over memory. None (the input's dtype) otherwise."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _check(name, x, weight, bias, residual=None):
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError(f"{name}: x must be a tensor with at least one dimension (the one normalized)")
+    check_float(name, "x", x)
+    check_float(name, "weight", weight)
+    N = x.shape[-1]
+    if residual is not None:
+        check_float(name, "residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"{name}: residual has shape {tuple(residual.shape)}, expected x's shape "
+                             f"{tuple(x.shape)}")
+    if weight.shape != (N,):
+        raise ValueError(f"{name}: weight has shape {tuple(weight.shape)}, expected ({N},) to match x's "
+                         f"last dimension")
+    if bias is not None:
+        check_float(name, "bias", bias)
+        if bias.shape != (N,):
+            raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({N},) to match x's "
+                             f"last dimension")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{name}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    check_device(name, x, residual, weight, bias)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -213,52 +310,62 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """LayerNorm over the last dimension of x, like F.layer_norm(x, (N,), weight, bias, eps).
 
     Any leading shape; float32, float16 or bfloat16 in and out with fp32 arithmetic inside; weight and bias
-    of shape (N,); bias=None for no bias."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        raise ValueError("layer_norm: x must be a tensor with at least one dimension (the one normalized)")
-    check_float("layer_norm", "x", x)
-    check_float("layer_norm", "weight", weight)
-    N = x.shape[-1]
-    if weight.shape != (N,):
-        raise ValueError(f"layer_norm: weight has shape {tuple(weight.shape)}, expected ({N},) to match x's "
-                         f"last dimension")
-    if bias is not None:
-        check_float("layer_norm", "bias", bias)
-        if bias.shape != (N,):
-            raise ValueError(f"layer_norm: bias has shape {tuple(bias.shape)}, expected ({N},) to match x's "
-                             f"last dimension")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"layer_norm: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
-    check_device("layer_norm", x, weight, bias)
-    return _layer_norm_fwd_op(x, weight, bias, float(eps))[0]
+    of shape (N,); bias=None for no bias. Under torch.autocast the output is in the autocast dtype (it feeds a
+    matmul), where F.layer_norm would return float32."""
+    _check("layer_norm", x, weight, bias)
+    return _layer_norm_fwd_op(x, None, weight, bias, float(eps), _output_dtype(x))[0]
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, LayerNorm(h)) with h = x + residual, in one pass: the residual stream's update and the next
+    LayerNorm. h has the promoted dtype of x and residual (the stream's); the normalized output is in that dtype,
+    or the autocast dtype under torch.autocast. Gradients flow to x and residual through both outputs."""
+    _check("add_layer_norm", x, weight, bias, residual)
+    y, h, _, _ = _layer_norm_fwd_op(x, residual, weight, bias, float(eps), _output_dtype(x))
+    return h, y
 
 
 # ------------------------------------------------------------------------------------------------
-# what `python -m kernels.inspect` compiles (the contract is described at the top of kernels/inspect.py)
+# what `python -m kernels.inspect` compiles: each kernel at GPT-2's shapes (16384 rows of 768 = B 16 x T 1024; the
+# 1.5B model's 1600; 3072) in the dtypes the model hands it, with the launch parameters the launcher computes
 
-# (x dtype, weight dtype): under autocast the residual stream, hence LayerNorm, stays float32; a model cast to
-# bfloat16 (sampling) calls it in bfloat16
-INSPECT_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+# (stream = x and h, residual branch output, normalized output y and its gradient dy, weights): under autocast the
+# stream is fp32, the branch outputs and y half, the weights fp32; without autocast everything is one dtype
+INSPECT_DTYPES = [(torch.float32, torch.bfloat16, torch.bfloat16, torch.float32),
+                  (torch.float32, torch.float16, torch.float16, torch.float32),
+                  (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                  (torch.float32, torch.float32, torch.float32, torch.float32)]
 INSPECT_WIDTHS = (768, 1600, 3072)
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def inspect_cases():
-    """Forward, backward (dx + partial sums) and the partial-sum reduction, at GPT-2's widths (16K rows)."""
+def inspect_cases(rows=16384, sms=132):
     from kernels.inspect import launch_case
-    M, programs = 16 * 1024, 132 * 4  # B*T of GPT-2 124M's step; an H100's 132 SMs x num_programs_hint's 4
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
     cases = []
-    for dtype, wdtype in INSPECT_DTYPES:
+    for stream, branch, out, param in INSPECT_DTYPES:
         for N in INSPECT_WIDTHS:
-            launch = launch_config(N, torch.empty((), dtype=dtype).element_size(), interpreter=False)
-            problem = {"dtype": names[dtype], "width": N}
-            cases.append(launch_case("layer_norm_fwd", _layer_norm_fwd, launch, problem, dict(
-                X=dtype, Y=dtype, W=wdtype, B=wdtype, Mean=torch.float32, Rstd=torch.float32, stride_x=N,
-                stride_y=N, M=M, N=N, eps=1e-5, HAS_BIAS=True)))
-            cases.append(launch_case("layer_norm_bwd_dx", _layer_norm_bwd_dx, launch, problem, dict(
-                DY=dtype, X=dtype, W=wdtype, Mean=torch.float32, Rstd=torch.float32, DX=dtype,
-                DW_partial=torch.float32, DB_partial=torch.float32, stride_dy=N, stride_x=N, stride_dx=N, M=M, N=N,
-                HAS_BIAS=True)))
-            cases.append(launch_case("layer_norm_sum_partials", _sum_partials, SUM_PARTIALS_CONFIG, problem, dict(
-                Partial=torch.float32, Out=wdtype, P=programs, N=N)))
+            problem = {"dtype": _DTYPE_NAMES[out], "stream": _DTYPE_NAMES[stream], "width": N}
+            narrowest = min(torch.empty((), dtype=t).element_size() for t in (stream, out))
+            fwd = launch_config(N, narrowest, interpreter=False)
+            for residual in (True, False):
+                cases.append(launch_case("layer_norm_fwd" + ("_add" if residual else ""), _layer_norm_fwd, fwd,
+                                         problem, dict(X=stream, Residual=branch, H=stream, Y=out, W=param, B=param,
+                                                       Mean=torch.float32, Rstd=torch.float32, stride_x=N, stride_r=N,
+                                                       stride_h=N, stride_y=N, M=rows, N=N, eps=1e-5,
+                                                       HAS_RESIDUAL=residual, HAS_BIAS=True)))
+            bwd = launch_config(N, narrowest, interpreter=False, backward=True)
+            programs, rows_per_program = _bwd_programs(rows, bwd["BLOCK_M"], sms * BWD_PROGRAMS_PER_SM)
+            for dh in (True, False):
+                cases.append(launch_case("layer_norm_bwd" + ("_add" if dh else ""), _layer_norm_bwd, bwd, problem,
+                                         dict(DY=out, DH=stream, X=stream, W=param, Mean=torch.float32,
+                                              Rstd=torch.float32, DX=stream, DW_partial=torch.float32,
+                                              DB_partial=torch.float32, stride_dy=N, stride_dh=N, stride_x=N,
+                                              stride_dx=N, M=rows, N=N, rows_per_program=rows_per_program,
+                                              HAS_DH=dh, HAS_BIAS=True)))
+            if stream == out == torch.float32:  # the reduction sees fp32 partials whatever the activations
+                cases.append(launch_case("layer_norm_sum_partials", _sum_partials, SUM_PARTIALS_CONFIG,
+                                         {"dtype": "fp32", "width": N, "programs": programs},
+                                         dict(DW_partial=torch.float32, DB_partial=torch.float32, DW=param, DB=param,
+                                              P=programs, N=N)))
     return cases

@@ -1,11 +1,17 @@
-"""The backend registry: one name -> the attention, LayerNorm and GELU a Block uses.
+"""The kernel backend registry: one name -> the attention, LayerNorm and GELU kernels the model runs.
 
-Adding a backend is one `register_backend` call; the model never branches on the name.
+The config key that picks one is `attn` (nanoGPT's name, kept for its users), but a kernel backend selects
+every kernel of the model, not only attention. Adding a backend is one `register_backend` call; the model
+never branches on the name. Each implementation has one name everywhere (registry, benchmarks, reports):
+naive (plain tensor math), sdpa (PyTorch's F.* functions), triton (kernels/).
 
-Every backend implements the same three functions:
+Every backend implements the same three functions, and may add a fused fourth:
     attention(q, k, v, dropout_p) -> y     q, k, v: (B, H, T, D), causal, scale 1/sqrt(D)
     layer_norm(x, weight, bias, eps) -> y  normalizes the last dimension; bias may be None
     gelu(x, bias, approximate) -> y        GELU of x + bias, exact ("none", erf) or "tanh"; bias may be None
+    add_layer_norm(x, residual, weight, bias, eps) -> (h, y)
+                                           h = x + residual (the residual stream's update), y = layer_norm(h);
+                                           left out (None), it is that composition of the backend's layer_norm
 """
 import math
 from dataclasses import dataclass
@@ -14,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nanogpt.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -21,7 +29,20 @@ class Backend:
     attention: Callable
     layer_norm: Callable
     gelu: Callable
+    add_layer_norm: Callable | None = None
     description: str = ""
+
+    def __post_init__(self):
+        if self.add_layer_norm is None:  # frozen: set once here, to the unfused composition
+            object.__setattr__(self, "add_layer_norm", _unfused_add_layer_norm(self.layer_norm))
+
+
+def _unfused_add_layer_norm(layer_norm: Callable) -> Callable:
+    """add_layer_norm as two steps: the residual add, then the backend's own layer_norm (naive, sdpa)."""
+    def add_layer_norm(x, residual, weight, bias=None, eps=1e-5):
+        h = x + residual
+        return h, layer_norm(h, weight, bias, eps)
+    return add_layer_norm
 
 
 # name -> a zero-argument factory, so a backend's imports (triton) happen only when it is used
@@ -34,13 +55,23 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     _LOADED.pop(name, None)
 
 
+def unregister_backend(name: str) -> None:
+    _REGISTRY.pop(name, None)
+    _LOADED.pop(name, None)
+
+
 def available_backends() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_backend(name: str) -> Backend:
+def check_backend_name(name: str) -> None:
+    """The one check of a kernel backend name, without importing the backend (triton) yet."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown attention backend {name!r}: choose one of {', '.join(available_backends())}")
+        raise ConfigError(f"unknown kernel backend attn={name!r}: choose one of {', '.join(available_backends())}")
+
+
+def get_backend(name: str) -> Backend:
+    check_backend_name(name)
     if name not in _LOADED:
         _LOADED[name] = _REGISTRY[name]()
     return _LOADED[name]
@@ -99,13 +130,16 @@ def _triton_backend() -> Backend:
         return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
 
     return Backend(
-        "triton", attention, kernels.layer_norm, kernels.gelu,
-        "handwritten Triton kernels: fused causal attention (FlashAttention-2), LayerNorm, bias+GELU",
+        "triton", attention, kernels.layer_norm, kernels.gelu, add_layer_norm=kernels.add_layer_norm,
+        description="handwritten Triton kernels: fused causal attention (FlashAttention-2), residual add + "
+                    "LayerNorm, bias+GELU",
     )
 
 
+# naive and sdpa leave add_layer_norm out: `x + residual`, then their layer_norm
 register_backend("naive", lambda: Backend(
-    "naive", naive_attention, naive_layer_norm, naive_gelu, "explicit tensor math: the reference"))
+    "naive", naive_attention, naive_layer_norm, naive_gelu, description="explicit tensor math: the reference"))
 register_backend("sdpa", lambda: Backend(
-    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, "F.scaled_dot_product_attention, F.layer_norm, F.gelu"))
+    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu,
+    description="F.scaled_dot_product_attention, F.layer_norm, F.gelu"))
 register_backend("triton", _triton_backend)

@@ -1,9 +1,11 @@
-"""Checkpoints: written atomically, read without running pickled code, checked against the model they feed.
+"""Checkpoint files: written atomically, read without running pickled code. File I/O only: building a model from
+a checkpoint is nanogpt/loading.py's job.
 
 A checkpoint is a dict: model, optimizer, scaler, model_args, iter_num, best_val_loss, config, rng
 (python, numpy, torch, cuda) and sampler (the batch sampler's generator state): everything a run needs
 to continue exactly where it stopped.
 """
+import fcntl
 import os
 import random
 import tempfile
@@ -12,33 +14,76 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanogpt.errors import CheckpointError, OutDirInUse
+
 REQUIRED_KEYS = ("model", "model_args")
+LOCK_NAME = "train.lock"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or does not fit the model or data at hand."""
+class OutDirLock:
+    """One training run per out_dir: an exclusive flock on out_dir/train.lock, held for the run's life and
+    released by the OS when the process ends, however it ends (so a killed run never blocks the next one).
+    The file holds the holder's PID, so that the refusal can name it."""
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / LOCK_NAME
+        self._file = None
+
+    def acquire(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise CheckpointError(f"cannot use out_dir {self.path.parent}: {e.strerror} (choose a folder you can "
+                                  f"write with --out_dir)") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise OutDirInUse(f"out_dir {self.path.parent} is in use by another training run (pid {holder}, lock "
+                              f"{self.path}): wait for it to end, stop it, or choose another --out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self):
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the flock; the file may stay
+            self._file = None
 
 
 def save_checkpoint(obj, path) -> None:
     """Write obj to path so that a kill at any moment leaves the old file or the new one, never a torn one:
-    a temporary file in the same folder, flushed and fsynced, renamed over path, then the folder fsynced."""
+    a temporary file in the same folder, flushed and fsynced, renamed over path, then the folder fsynced.
+    A write that fails (disk full, permission denied) removes the temporary file, leaves the previous
+    checkpoint as it was, and raises CheckpointError saying what happened and where."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_failed(path, e, kept=path.exists()) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise
+        if isinstance(e, Exception):  # OSError, or torch's writer failing on it
+            raise _write_failed(path, e, kept=path.exists()) from None
+        raise  # KeyboardInterrupt, SystemExit: as they are
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:
@@ -47,6 +92,17 @@ def save_checkpoint(obj, path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_failed(path: Path, error: Exception, kept: bool) -> CheckpointError:
+    cause = error if isinstance(error, OSError) else (error.__cause__ or error.__context__ or error)
+    if isinstance(cause, OSError) and cause.strerror:
+        what = cause.strerror
+    else:
+        what = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
+    previous = (f"the previous {path.name} is intact" if kept else f"no earlier {path.name} existed")
+    return CheckpointError(f"could not write checkpoint {path}: {what}; {previous} (free space or fix the "
+                           f"permissions of {path.parent}, then resume with --init_from=resume)")
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -81,23 +137,6 @@ def check_model_args(ckpt_args: dict, expected: dict, source) -> None:
     diffs = [f"{k}: checkpoint {ckpt_args.get(k)!r} vs {v!r}" for k, v in expected.items() if ckpt_args.get(k) != v]
     if diffs:
         raise CheckpointError(f"{source} does not fit this model/data ({'; '.join(diffs)})")
-
-
-def model_from_checkpoint(ckpt: dict, source, attn=None, dropout=None):
-    """Build a GPT from a checkpoint; attn/dropout may be chosen anew, the shape may not."""
-    from nanogpt.model import GPT, GPTConfig
-    args = dict(ckpt["model_args"])
-    if attn:
-        args["attn"] = attn
-    if dropout is not None:
-        args["dropout"] = dropout
-    model = GPT(GPTConfig(**args))
-    state_dict = clean_state_dict(ckpt["model"])
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise CheckpointError(f"{source}: its weights do not fit its model_args ({str(e).splitlines()[0]})") from None
-    return model
 
 
 # ------------------------------------------------------------------------------------------------

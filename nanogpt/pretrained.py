@@ -11,14 +11,31 @@ from pathlib import Path
 
 import torch
 
+from nanogpt.errors import ConfigError, PretrainedError
+
+# the OpenAI GPT-2 sizes on the Hugging Face hub; all of them have 1024 positions
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 OVERRIDABLE = ("dropout", "attn")
 HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+HUB_POSITIONS = 1024
 
 
-class PretrainedError(ValueError):
-    """A name or folder that does not hold GPT-2 weights in Hugging Face format."""
+def is_pretrained_source(name_or_path) -> bool:
+    """A GPT-2 name of the hub or an existing (presumably Hugging Face) folder."""
+    return str(name_or_path) in HUB_NAMES or Path(name_or_path).is_dir()
+
+
+def check_block_size(block_size: int, name_or_path) -> None:
+    """The one check that a context fits the pretrained model's positions, before any weights are read:
+    hub names have 1024, a folder says it in config.json."""
+    if str(name_or_path) in HUB_NAMES and not Path(name_or_path).is_dir():
+        positions = HUB_POSITIONS
+    else:
+        positions = read_config(Path(name_or_path))["block_size"]
+    if block_size > positions:
+        raise ConfigError(f"block_size={block_size} is larger than {name_or_path}'s {positions} positions: "
+                          f"use --block_size={positions} or less")
 
 
 def resolve_folder(name_or_path) -> Path:
@@ -78,8 +95,9 @@ def read_config(folder: Path) -> dict:
     return args
 
 
-def load_gpt2(cls, name_or_path, override_args=None):
-    from nanogpt.model import GPTConfig
+def load_gpt2(build_model, name_or_path, override_args=None):
+    """GPT-2 weights into build_model(model_args) (e.g. GPT.from_pretrained's `cls(GPTConfig(**args))`): the
+    loader is handed the constructor, so this module needs no import of the model."""
     override_args = dict(override_args or {})
     bad = [k for k in override_args if k not in OVERRIDABLE]
     if bad:
@@ -88,7 +106,7 @@ def load_gpt2(cls, name_or_path, override_args=None):
     folder = resolve_folder(name_or_path)
     args = read_config(folder)
     args.update(override_args)
-    model = cls(GPTConfig(**args))
+    model = build_model(args)
     sd = model.state_dict()
 
     hf_sd = {}

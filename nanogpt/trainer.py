@@ -15,18 +15,17 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt.checkpoint import (CheckpointError, check_model_args, load_checkpoint, model_from_checkpoint,
-                                rng_state, save_checkpoint, set_rng_state)
-from nanogpt.config import ConfigError, TrainConfig, resolve_device, resolve_dtype, validate_train
-from nanogpt.data import BatchLoader, data_root, load_meta
+from nanogpt.checkpoint import (OutDirLock, check_model_args, load_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state)
+from nanogpt.config import TrainConfig, validate_train
+from nanogpt.data import BatchLoader, dataset_dir, load_meta
+from nanogpt.errors import CheckpointError, TrainingDiverged
+from nanogpt.loading import model_from_checkpoint, model_from_pretrained
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.pretrained import resolve_folder
+from nanogpt.runtime import setup_runtime
 
-PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "attn", "gelu")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf."""
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -76,21 +75,27 @@ class Trainer:
         if not self.master:
             self.log = lambda *args: None  # only rank 0 speaks
         self.out_dir = Path(cfg.out_dir)
+        # one training run per out_dir, before any work: rank 0 holds the lock for the job (eval_only writes nothing)
+        self._out_dir_lock = OutDirLock(self.out_dir).acquire() if self.master and not cfg.eval_only else None
+        try:
+            self._build()
+        except BaseException:
+            self._release_out_dir()
+            raise
+
+    def _build(self):
+        cfg = self.cfg
         self.grad_accum = cfg.gradient_accumulation_steps // self.world_size
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
 
-        self.device = self.device if self.ddp else resolve_device(cfg.device)
-        self.device_type = self.device.split(":")[0]
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        if self.device_type == "cuda":
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        torch.manual_seed(cfg.seed + self.rank)  # different dropout per rank; batches have their own stream
-        self.autocast = (nullcontext() if self.dtype == "float32"
-                         else torch.amp.autocast(device_type=self.device_type, dtype=PTDTYPE[self.dtype]))
+        # different dropout per rank; batches have their own stream
+        rt = setup_runtime(self.device if self.ddp else cfg.device, cfg.dtype, seed=cfg.seed + self.rank)
+        self.device, self.device_type, self.dtype = rt.device, rt.device_type, rt.dtype
+        self.autocast = rt.autocast
 
-        self.data_dir = data_root() / cfg.dataset
+        if cfg.init_from not in ("scratch", "resume"):
+            resolve_folder(cfg.init_from)  # GPT-2 weights first: without them (offline), fail before preparing data
+        self.data_dir = dataset_dir(cfg.dataset)
         self._ensure_dataset()
         meta = load_meta(self.data_dir)
         self.meta_vocab_size = meta["vocab_size"] if meta else None
@@ -176,15 +181,10 @@ class Trainer:
                                       f"dataset or start a new out_dir")
             check_model_args(ckpt["model_args"], {k: getattr(cfg, k) for k in ("block_size",)}, path)
             self.model = model_from_checkpoint(ckpt, path, attn=cfg.attn, dropout=cfg.dropout)
-        else:
+        else:  # validate_train has checked the name and that block_size fits its positions
             self.log(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
-            self.model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout, attn=cfg.attn))
-            if cfg.block_size > self.model.config.block_size:
-                raise ConfigError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s "
-                                  f"{self.model.config.block_size} positions: use --block_size="
-                                  f"{self.model.config.block_size} or less")
-            if cfg.block_size < self.model.config.block_size:
-                self.model.crop_block_size(cfg.block_size)
+            self.model = model_from_pretrained(cfg.init_from, dropout=cfg.dropout, attn=cfg.attn,
+                                               block_size=cfg.block_size)
         return ckpt
 
     def _restore_training_state(self, ckpt):
@@ -252,15 +252,6 @@ class Trainer:
                 f"{self.out_dir} are from before it (lower --learning_rate, raise --warmup_iters, or use "
                 f"--dtype=bfloat16/float32)")
 
-    def _sync_flag(self, flag: bool) -> bool:
-        """True on every rank if any rank raised the flag (a signal may reach one rank only)."""
-        if not self.ddp:
-            return flag
-        import torch.distributed as dist
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
     @staticmethod
     def _mfu_field(running_mfu):
         return {"mfu": running_mfu * 100} if running_mfu >= 0 else {}  # unknown peak: no number at all
@@ -289,87 +280,26 @@ class Trainer:
                 self.wandb.finish()
 
     def _loop(self, stop):
+        """nanoGPT's loop, one named step per line: set the learning rate, evaluate and checkpoint, train one
+        optimizer step, log, stop on a signal, stop at max_iters."""
         cfg = self.cfg
-        t0 = time.time()
-        local_iter_num = 0
-        running_mfu = -1.0
+        self._t0 = time.time()
+        self._local_iter_num = 0
+        self._running_mfu = -1.0
         saved_at = None
         while True:
-            lr = get_lr(self.iter_num, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-
+            lr = self._set_learning_rate()
             if self.iter_num % cfg.eval_interval == 0 and self.master:
-                losses = self.estimate_loss()
-                self.log(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                self._check_finite(losses["val"], "the validation loss", self.iter_num)
-                if self.wandb is not None:
-                    self.wandb.log({"iter": self.iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
-                                    "lr": lr, **self._mfu_field(running_mfu)})
-                improved = losses["val"] < self.best_val_loss
-                if improved:
-                    self.best_val_loss = losses["val"]
-                if self.iter_num > 0 and not cfg.eval_only:
-                    # ckpt.pt: the latest state to resume from; best.pt: the best model, kept apart when
-                    # always_save_checkpoint=False
-                    best_too = improved and not cfg.always_save_checkpoint
-                    self.save("ckpt.pt", *(["best.pt"] if best_too else []))
+                if self._evaluate_and_checkpoint(lr):
                     saved_at = self.iter_num
             if cfg.eval_only:
                 break
 
-            loss_sum = torch.zeros((), device=self.device)
-            for micro_step, (X, Y) in enumerate(self.loader.train_step(self.grad_accum)):
-                last = micro_step == self.grad_accum - 1
-                # DDP: synchronize gradients only after the last micro-step
-                sync = self.model.no_sync() if (self.ddp and not last) else nullcontext()
-                with sync:
-                    with self.autocast:
-                        _, loss = self.model(X, Y)
-                        loss = loss / self.grad_accum  # the mean over the accumulated micro-batches
-                    self.scaler.scale(loss).backward()
-                loss_sum += loss.detach().float()
-            if cfg.grad_clip != 0.0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-
-            t1 = time.time()
-            dt, t0 = t1 - t0, t1
-            self.iter_num += 1
-            local_iter_num += 1
-            if (self.iter_num - 1) % cfg.log_interval == 0:
-                if self.ddp:
-                    import torch.distributed as dist
-                    dist.all_reduce(loss_sum)  # gloo has no AVG
-                    loss_sum /= self.world_size
-                lossf = loss_sum.item()  # a CPU-GPU sync: only at log intervals
-                self._check_finite(lossf, "the training loss", self.iter_num - 1)
-                self.history.append((self.iter_num - 1, lossf))
-                if self.master:
-                    if local_iter_num >= 5:  # let the training loop settle a bit
-                        mfu = self.raw_model.estimate_mfu(cfg.batch_size * self.grad_accum, dt,
-                                                          peak_flops=cfg.peak_flops or None)
-                        if mfu is not None:
-                            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-                    mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
-                    self.log(f"iter {self.iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-                             f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_text}")
-                    if self.wandb is not None:
-                        self.wandb.log({"iter": self.iter_num - 1, "train/loss_step": lossf, "lr": lr,
-                                        "tokens_per_sec": self.tokens_per_iter / dt, **self._mfu_field(running_mfu)})
-
-            if self._sync_flag(stop.signum is not None):
-                if self.master:
-                    path = self.save("ckpt.pt")
-                    self.log(f"received {signal.Signals(stop.signum).name if stop.signum else 'a stop signal'}: "
-                             f"stopped after iteration {self.iter_num - 1}; checkpoint in {path}. Resume with: "
-                             f"python train.py ... --out_dir={cfg.out_dir} --init_from=resume")
-                self._barrier()
-                return {"stopped": True, "iter_num": self.iter_num, "history": self.history}
-
+            loss_sum = self._train_step()
+            dt = self._finish_iteration()
+            stop_requested = self._log_step(loss_sum, dt, lr, stop.signum is not None)
+            if stop_requested:
+                return self._stop_and_save(stop)
             if self.iter_num > cfg.max_iters:
                 break
 
@@ -379,7 +309,113 @@ class Trainer:
         return {"stopped": False, "iter_num": self.iter_num, "best_val_loss": self.best_val_loss,
                 "history": self.history}
 
+    def _set_learning_rate(self):
+        lr = get_lr(self.iter_num, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _evaluate_and_checkpoint(self, lr) -> bool:
+        """Rank 0: estimate both losses, log them, write ckpt.pt (and best.pt). True if a checkpoint was written."""
+        cfg = self.cfg
+        losses = self.estimate_loss()
+        self.log(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self._check_finite(losses["val"], "the validation loss", self.iter_num)
+        if self.wandb is not None:
+            self.wandb.log({"iter": self.iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
+                            "lr": lr, **self._mfu_field(self._running_mfu)})
+        improved = losses["val"] < self.best_val_loss
+        if improved:
+            self.best_val_loss = losses["val"]
+        if self.iter_num > 0 and not cfg.eval_only:
+            # ckpt.pt: the latest state to resume from; best.pt: the best model, kept apart when
+            # always_save_checkpoint=False
+            best_too = improved and not cfg.always_save_checkpoint
+            self.save("ckpt.pt", *(["best.pt"] if best_too else []))
+            return True
+        return False
+
+    def _train_step(self):
+        """One optimizer step over grad_accum micro-batches. Returns the mean loss as a device tensor: reading
+        it would wait for the GPU, so only logging does."""
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step, (X, Y) in enumerate(self.loader.train_step(self.grad_accum)):
+            last = micro_step == self.grad_accum - 1
+            # DDP: synchronize gradients only after the last micro-step
+            sync = self.model.no_sync() if (self.ddp and not last) else nullcontext()
+            with sync:
+                with self.autocast:
+                    _, loss = self.model(X, Y)
+                    loss = loss / self.grad_accum  # the mean over the accumulated micro-batches
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        if self.cfg.grad_clip != 0.0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def _finish_iteration(self):
+        """Count the iteration; return its wall time."""
+        t1 = time.time()
+        dt, self._t0 = t1 - self._t0, t1
+        self.iter_num += 1
+        self._local_iter_num += 1
+        return dt
+
+    def _log_step(self, loss_sum, dt, lr, stop_flag: bool) -> bool:
+        """At log intervals: read the loss (the loop's one CPU-GPU sync), check it, log it. Returns whether to
+        stop now. Under DDP a signal may reach one rank only, so the ranks agree on it in the all-reduce that
+        averages the loss, at log steps only: no extra collective and no sync in the other steps."""
+        cfg = self.cfg
+        it = self.iter_num - 1
+        if it % cfg.log_interval:
+            return stop_flag and not self.ddp
+        if self.ddp:
+            import torch.distributed as dist
+            flag = torch.ones((), device=self.device) if stop_flag else torch.zeros((), device=self.device)
+            reduced = torch.stack([loss_sum, flag])
+            dist.all_reduce(reduced)  # SUM (gloo has no AVG): the mean loss, and how many ranks were signalled
+            lossf, n_signalled = reduced.tolist()
+            lossf /= self.world_size
+            stop_flag = n_signalled > 0
+        else:
+            lossf = loss_sum.item()
+        self._check_finite(lossf, "the training loss", it)
+        self.history.append((it, lossf))
+        if self.master:
+            if self._local_iter_num >= 5:  # let the training loop settle a bit
+                mfu = self.raw_model.estimate_mfu(cfg.batch_size * self.grad_accum, dt,
+                                                  peak_flops=cfg.peak_flops or None)
+                if mfu is not None:
+                    self._running_mfu = mfu if self._running_mfu == -1.0 else 0.9 * self._running_mfu + 0.1 * mfu
+            mfu_text = f"{self._running_mfu * 100:.2f}%" if self._running_mfu >= 0 else "n/a"
+            self.log(f"iter {it}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+                     f"{self.tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_text}")
+            if self.wandb is not None:
+                self.wandb.log({"iter": it, "train/loss_step": lossf, "lr": lr,
+                                "tokens_per_sec": self.tokens_per_iter / dt, **self._mfu_field(self._running_mfu)})
+        return stop_flag
+
+    def _stop_and_save(self, stop):
+        """SIGTERM/SIGINT: the step is done; rank 0 saves and says how to resume; every rank returns."""
+        if self.master:
+            path = self.save("ckpt.pt")
+            self.log(f"received {signal.Signals(stop.signum).name if stop.signum else 'a stop signal'}: "
+                     f"stopped after iteration {self.iter_num - 1}; checkpoint in {path}. Resume with: "
+                     f"python train.py ... --out_dir={self.cfg.out_dir} --init_from=resume")
+        self._barrier()
+        return {"stopped": True, "iter_num": self.iter_num, "history": self.history}
+
+    def _release_out_dir(self):
+        if self._out_dir_lock is not None:
+            self._out_dir_lock.release()
+            self._out_dir_lock = None
+
     def close(self):
+        self._release_out_dir()
         if self.ddp:
             import torch.distributed as dist
             dist.destroy_process_group()

@@ -63,7 +63,7 @@ echo "device: $DEVICE_SLUG ($ARCH), results in $OUT" | tee -a "$LOG"
 if has pytest; then
     ignore=()
     has hypothesis || ignore+=(--ignore=tests/test_fuzz.py)
-    run_step tests 420 "$PYTHON" -m pytest tests/ -q -x -p no:cacheprovider "${ignore[@]}"
+    run_step tests 420 "$PYTHON" -m pytest tests/ -q -p no:cacheprovider ${ignore[@]+"${ignore[@]}"}
 else
     skip_step tests "pytest is not installed"
 fi

@@ -1,5 +1,7 @@
-"""Test setup: Triton through its CPU interpreter when there is no GPU (set before anything imports triton), the repo on sys.path,
-and datasets written to a temporary folder instead of data/."""
+"""Test setup and fixtures: Triton through its CPU interpreter when there is no GPU (set before anything imports
+triton), the repo on sys.path, datasets written to a temporary folder instead of data/.
+
+Shared functions and constants live in helpers.py; tests import them from there, never from this file."""
 import os
 import sys
 from pathlib import Path
@@ -8,16 +10,11 @@ import torch  # noqa: E402  (importing torch does not import triton)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from kernels.testing import relative_error  # noqa: E402,F401  (tests import it from here)
-
-# kernels run on the GPU where there is one, else on the CPU through Triton's interpreter
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import SAMPLE_TEXT, run, tiny_config  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -31,10 +28,6 @@ def data_dir(tmp_path, monkeypatch):
     return root
 
 
-SAMPLE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-               "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n") * 40
-
-
 @pytest.fixture
 def char_dataset(data_dir):
     """A small character-level dataset at $NANOGPT_DATA/tiny_char."""
@@ -43,6 +36,9 @@ def char_dataset(data_dir):
     return data_dir / "tiny_char"
 
 
-def write_tokens(path, ids):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.asarray(ids, dtype=np.uint16).tofile(path)
+@pytest.fixture
+def trained(char_dataset, tmp_path):
+    """out_dir of a tiny model trained 30 iterations on tiny_char."""
+    out = tmp_path / "out"
+    run(tiny_config(out, max_iters=30, eval_interval=1000))
+    return out

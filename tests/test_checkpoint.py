@@ -1,13 +1,17 @@
+import os
 import random
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
-from conftest import ROOT
-from nanogpt.checkpoint import clean_state_dict, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from helpers import ROOT
+from nanogpt.checkpoint import (CheckpointError, OutDirLock, clean_state_dict, load_checkpoint, rng_state,
+                                save_checkpoint, set_rng_state)
+from nanogpt.errors import OutDirInUse
 
 WRITER = """
 import sys, torch
@@ -61,14 +65,78 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", boom)
-    try:
+    with pytest.raises(CheckpointError) as e:
         save_checkpoint({"model": {"a": torch.zeros(2)}, "model_args": {}}, path)
-    except OSError:
-        pass
     assert torch.equal(load_checkpoint(path)["model"]["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert str(e.value).startswith(f"could not write checkpoint {path}: OSError: disk full; the previous ckpt.pt is "
+                                   f"intact")
 
 
 def test_clean_state_dict_strips_compile_and_ddp_prefixes():
     sd = {"_orig_mod.a": 1, "module._orig_mod.b": 2, "c": 3}
     assert clean_state_dict(sd) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    torch.save({"model": {}, "model_args": {}, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a readable nanogpt checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+FULL_DISK = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from nanogpt.checkpoint import save_checkpoint
+from nanogpt.errors import CheckpointError
+save_checkpoint({{"model": {{"w": torch.ones(10)}}, "model_args": {{}}}}, {path!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # the OS refuses larger files
+try:
+    save_checkpoint({{"model": {{"w": torch.zeros(1_000_000)}}, "model_args": {{}}}}, {path!r})
+except CheckpointError as e:
+    print(e)
+"""
+
+
+def test_a_write_the_os_refuses_keeps_the_old_checkpoint(tmp_path):
+    """A real failed write (the file size limit: EFBIG, as a full disk gives ENOSPC) in another process."""
+    path = tmp_path / "ckpt.pt"
+    r = subprocess.run([sys.executable, "-c", FULL_DISK.format(root=str(ROOT), path=str(path))], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"could not write checkpoint {path}: File too large; the previous ckpt.pt is intact")
+    assert r.stdout.count("\n") == 1
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(10))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left
+
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from nanogpt.checkpoint import OutDirLock
+lock = OutDirLock({out!r}).acquire()  # held while this process lives
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_out_dir_lock_is_held_by_one_process_and_freed_when_it_dies(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(ROOT), out=str(out))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutDirInUse) as e:
+            OutDirLock(out).acquire()
+        assert f"out_dir {out} is in use by another training run (pid {holder.pid}, lock {out / 'train.lock'})" \
+            in str(e.value)
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the OS drops the lock
+        holder.wait()
+    lock = OutDirLock(out).acquire()  # the dead holder's lock file is still there, and blocks nothing
+    assert (out / "train.lock").read_text().strip() == str(os.getpid())
+    lock.release()

@@ -1,10 +1,11 @@
+import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLE_TEXT, write_tokens
+from helpers import SAMPLE_TEXT, run_command, write_tokens
 from nanogpt.data import BatchLoader, DataError, prepare, prepare_bpe, prepare_char, shakespeare_text
 
 
@@ -129,3 +130,115 @@ def test_token_ids_beyond_the_vocabulary(data_dir):
     loader = BatchLoader(data_dir / "big", 16, 4, "cpu", vocab_size=65)
     with pytest.raises(DataError, match="holds token id 70, not below the model's vocab_size=65"):
         next(loader.train_step(1))
+
+
+# ------------------------------------------------------------------------------------------------ untrusted files
+
+
+def _evil_reduce(command, protocol):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (command,))
+    return pickle.dumps({"vocab_size": 3, "itos": {0: "a"}, "stoi": {"a": 0}, "x": Evil()}, protocol=protocol)
+
+
+def _evil_payloads(marker):
+    """Pickles that run `touch marker` when loaded with plain pickle.load, in the ways a pickle can call code."""
+    cmd = f"touch {marker}"
+    yield from ((f"reduce-protocol-{p}", _evil_reduce(cmd, p)) for p in range(pickle.HIGHEST_PROTOCOL + 1))
+    yield "global-opcode", f"cos\nsystem\n(S'{cmd}'\ntR.".encode()  # GLOBAL + REDUCE, written by hand
+    yield "inst-opcode", f"(S'{cmd}'\nios\nsystem\n.".encode()  # INST: class and call in one opcode
+    yield "obj-opcode", f"(cos\nsystem\nS'{cmd}'\no.".encode()  # OBJ
+    yield "builtins-exec", f"cbuiltins\nexec\n(S'import os; os.system(\"{cmd}\")'\ntR.".encode()
+    yield "in-a-value", pickle.dumps({"vocab_size": 1, "itos": {0: "a"}, "stoi": {"a": _Call(["touch", str(marker)])}})
+
+
+class _Call:
+    """subprocess.call(args) when unpickled: code hidden inside the vocabulary itself."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __reduce__(self):
+        import subprocess
+        return (subprocess.call, (self.args,))
+
+
+def test_crafted_meta_pkl_runs_no_code_and_names_the_file(tmp_path):
+    import nanogpt.data as data
+    for name, payload in _evil_payloads(tmp_path / "pwned"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "meta.pkl").write_bytes(payload)
+        with pytest.raises(DataError) as e:
+            data.load_meta(folder)
+        assert not (tmp_path / "pwned").exists(), name
+        message = str(e.value)
+        assert f"{folder / 'meta.pkl'} is not a plain vocabulary" in message and "\n" not in message, name
+
+
+def test_the_payloads_really_run_code_with_plain_pickle(tmp_path):
+    """The check above means something: plain pickle.load of the same bytes does run the command."""
+    for name, payload in _evil_payloads(tmp_path / "ran"):
+        try:
+            pickle.loads(payload)
+        except Exception:
+            pass
+        assert (tmp_path / "ran").exists(), name
+        (tmp_path / "ran").unlink()
+
+
+def test_nanogpt_meta_pkl_still_loads(tmp_path):
+    """A meta.pkl as nanoGPT's data/shakespeare_char/prepare.py writes it (pickle.dump, default protocol)."""
+    from nanogpt.data import load_meta
+    chars = sorted(set(SAMPLE_TEXT))
+    meta = {"vocab_size": len(chars), "itos": {i: ch for i, ch in enumerate(chars)},
+            "stoi": {ch: i for i, ch in enumerate(chars)}}
+    for protocol in (0, 2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL):
+        with open(tmp_path / "meta.pkl", "wb") as f:
+            pickle.dump(meta, f, protocol=protocol)
+        assert load_meta(tmp_path) == meta
+
+
+def test_meta_json_is_written_and_read_first(tmp_path):
+    from nanogpt.data import load_meta
+    meta = prepare_char("abcab\n" * 50, tmp_path / "d")
+    assert (tmp_path / "d" / "meta.json").exists() and load_meta(tmp_path / "d") == meta
+    (tmp_path / "d" / "meta.pkl").write_bytes(b"garbage that is never read")
+    assert load_meta(tmp_path / "d") == meta
+
+
+@pytest.mark.parametrize("content,why", [
+    (pickle.dumps([1, 2, 3]), "not a dict of vocab_size, itos and stoi"),
+    (pickle.dumps({"vocab_size": "3", "itos": {}, "stoi": {}}), "vocab_size must be an int"),
+    (b"\x80\x04truncated", "unreadable"),
+])
+def test_meta_pkl_that_is_no_vocabulary(tmp_path, content, why):
+    from nanogpt.data import load_meta
+    (tmp_path / "meta.pkl").write_bytes(content)
+    with pytest.raises(DataError, match="is not a plain vocabulary") as e:
+        load_meta(tmp_path)
+    assert why in str(e.value)
+
+
+BAD_NAMES = ["/etc", "../elsewhere", "a/b", "..", "sub\\dir", "", ".", "a\0b", 7, ["x"]]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_dataset_names_are_plain_folder_names(name, data_dir):
+    from nanogpt.data import dataset_dir
+    with pytest.raises(DataError, match="is not a (plain )?folder name"):
+        dataset_dir(name, "the checkpoint's config.dataset")
+    assert dataset_dir("shakespeare_char") == data_dir / "shakespeare_char"
+
+
+def test_bad_dataset_name_from_the_command_line_and_a_config_file(tmp_path):
+    from nanogpt.config import parse_args, TrainConfig, validate_train
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text("dataset = '/tmp/somewhere'\n")
+    for argv in (["--dataset=../x", "--device=cpu"], [str(config_file), "--device=cpu"]):
+        with pytest.raises(DataError, match="is not a plain folder name"):
+            validate_train(parse_args(TrainConfig, argv))
+    r = run_command("train.py", "--dataset=/etc", "--device=cpu")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: dataset='/etc' (from the config) is not a plain folder name")

@@ -5,11 +5,11 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICE
+from helpers import DEVICE
 from kernels import attention, gelu, layer_norm
 from kernels.attention import HEAD_DIMS
 from kernels.testing import REDUCTION_FACTOR, TOLERANCE, relative_error
-from test_kernels_attention import reference as attention_reference
+from helpers import attention_reference
 
 FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None)
 DTYPES = st.sampled_from([torch.float32, torch.float16])

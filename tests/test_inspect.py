@@ -29,18 +29,20 @@ ALLOWED = set()
 # compiles like bf16, and D=96 like D=128: they add rows, not code), and every LayerNorm/GELU case. Every shipped
 # config is compiled at every (head dim, dropout) it is shipped for (checked below).
 SCRIPT = r"""
-import json, sys
+import json, os, sys
 from kernels.inspect import collect, inspect
 def select(case):
     p = case["problem"]
     return not case["kernel"].startswith("attention") or (p["dtype"] == "bf16" and p["head_dim"] in (64, 128))
-def key(c):
+def key(c):  # num_stages left out: a launch that names none gets Triton's default, which the rows then show
     p = c["problem"]
-    return (c["kernel"], json.dumps(c["config"], sort_keys=True), p.get("head_dim"), p.get("dropout"))
+    config = {k: v for k, v in c["config"].items() if k != "num_stages"}
+    return (c["kernel"], json.dumps(config, sort_keys=True), p.get("head_dim"), p.get("dropout"))
 # the shipped configs per architecture: attention's lists skip some configs on sm_80
 shipped = {arch: sorted({key(c) for c in collect(arch=arch) if c["problem"].get("head_dim") in (None, 64, 128)})
            for arch in sys.argv[1:]}
-rows = {arch: inspect(arch, jobs=2, select=select) for arch in sys.argv[1:]}
+jobs = max(2, min(8, os.cpu_count() or 2))
+rows = {arch: inspect(arch, jobs=jobs, select=select) for arch in sys.argv[1:]}
 print(json.dumps({"rows": rows, "shipped": shipped}))
 """
 

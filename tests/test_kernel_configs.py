@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE
+from helpers import DEVICE
 from kernels.testing import REDUCTION_FACTOR, relative_error, tolerance
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is also the function
@@ -139,7 +139,8 @@ def test_every_head_dim_has_a_config():
 
 # ------------------------------------------------------------------------------------------------ LayerNorm, GELU
 
-# one width in each bracket of the GPU launch (BLOCK_N 128 / 1024 / 2048 / 4096), none a power of two
+# one width in each bracket of the GPU launch (LayerNorm BLOCK_N 128 / 1024 / 2048 / 4096; GELU 128 and 1024-wide
+# column blocks, one to three of them), none a power of two
 ROW_WIDTHS = [100, 700, 1600, 3000]
 
 
@@ -176,8 +177,8 @@ def test_layer_norm_gpu_config(gpu_launch, N, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N", ROW_WIDTHS)
 def test_gelu_gpu_config(gpu_launch, N, dtype, approximate):
-    launch = gelu_module.launch_config()
-    M = launch["BLOCK"] // N + 3  # more than one program, the last one partial
+    launch = gelu_module.launch_config(N)
+    M = 2 * launch["BLOCK_M"] + 3  # more than one program (row tile), the last one partial
     torch.manual_seed(0)
     x = torch.randn(M, N, dtype=torch.float64).mul(3).to(dtype).to(DEVICE).requires_grad_()
     bias = torch.randn(N, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
@@ -198,4 +199,4 @@ def test_gpu_launch_parameters_differ_from_the_interpreters():
     if DEVICE == "cuda":
         pytest.skip("on a GPU the launchers use the GPU parameters anyway")
     assert layer_norm_module.launch_config(100, 4) != layer_norm_module.launch_config(100, 4, interpreter=False)
-    assert gelu_module.launch_config() != gelu_module.launch_config(interpreter=False)
+    assert gelu_module.launch_config(100) != gelu_module.launch_config(100, interpreter=False)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICE
+from helpers import DEVICE, attention_reference
 from kernels.testing import TOLERANCE as TOLERANCES, relative_error
 from kernels import attention
 from kernels.attention import dropout_mask, last_seed_of
@@ -21,18 +21,7 @@ TOLERANCE = TOLERANCES["matmul"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
-def reference(q, k, v, causal, scale=None, keep=None, dropout_p=0.0):
-    """Explicit float64 attention; `keep` applies a given dropout mask (scaled by 1/(1-p))."""
-    q, k, v = q.double(), k.double(), v.double()
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    s = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        T = q.shape[-2]
-        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
-    return p @ v
+reference = attention_reference
 
 
 def make_qkv(shape, dtype, seed=0):

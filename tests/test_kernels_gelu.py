@@ -1,11 +1,16 @@
 """kernels.gelu against F.gelu in float64, both approximations, with and without the fused bias."""
+import functools
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE
+from helpers import DEVICE
 from kernels.testing import REDUCTION_FACTOR, TOLERANCE as TOLERANCES, relative_error
 from kernels import gelu
+
+gelu_module = importlib.import_module("kernels.gelu")  # the module: `kernels.gelu` is the function
 
 TOLERANCE = TOLERANCES["pointwise"]
 
@@ -35,6 +40,29 @@ def test_forward_and_gradients(shape, approximate, bias, dtype):
     inputs = [x] + ([b] if bias else [])
     for g, g_ref in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy.double())):
         assert relative_error(g, g_ref) <= tol * REDUCTION_FACTOR
+
+
+@pytest.mark.parametrize("tiles", ["interpreter_tiles", "gpu_tiles"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape", [(37, 1000), (5, 3000), (300, 96)], ids=str)
+def test_fused_dbias_under_both_tilings(shape, approximate, tiles, monkeypatch):
+    """The backward's dbias partial sums over row runs and column blocks, under the interpreter's wide tiles and the
+    GPU's small ones (several column blocks, many row groups, tails in both directions); fp32 bias with fp16
+    activations, as under autocast."""
+    if tiles == "gpu_tiles":
+        monkeypatch.setattr(gelu_module, "launch_config", functools.partial(gelu_module.launch_config, interpreter=False))
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float16, device=DEVICE, requires_grad=True)
+    b = torch.randn(shape[-1], dtype=torch.float32, device=DEVICE, requires_grad=True)
+    y = gelu(x, b, approximate)
+    y_ref = F.gelu(x.double() + b.double(), approximate=approximate)
+    assert relative_error(y, y_ref) <= TOLERANCE[torch.float16]
+    dy = torch.randn_like(y)
+    dx, db = torch.autograd.grad(y, (x, b), dy)
+    dx_ref, db_ref = torch.autograd.grad(y_ref, (x, b), dy.double())
+    assert db.dtype == torch.float32 and dx.dtype == torch.float16
+    assert relative_error(dx, dx_ref) <= TOLERANCE[torch.float16] * REDUCTION_FACTOR
+    assert relative_error(db, db_ref) <= TOLERANCE[torch.float16] * REDUCTION_FACTOR
 
 
 def test_non_contiguous_input():

@@ -1,11 +1,16 @@
 """kernels.layer_norm against a float64 reference (relative L2 error, per-dtype tolerance)."""
+import functools
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE
+from helpers import DEVICE
 from kernels.testing import REDUCTION_FACTOR, TOLERANCE as TOLERANCES, relative_error
-from kernels import layer_norm
+from kernels import add_layer_norm, layer_norm
+
+layer_norm_module = importlib.import_module("kernels.layer_norm")  # the module: `kernels.layer_norm` is the function
 
 SHAPES = [(1, 1, 768), (3, 7, 768), (2, 5, 1600), (4, 100), (2, 3, 1000), (1, 8192)]
 TOLERANCE = TOLERANCES["pointwise"]
@@ -40,6 +45,88 @@ def test_forward_and_gradients(shape, dtype, bias):
     for name, g, g_ref in zip(["dx", "dweight", "dbias"], grads, grads_ref):
         assert g.dtype == dtype
         assert relative_error(g, g_ref) <= tol * REDUCTION_FACTOR, name  # gradients sum many rounded terms
+
+
+@pytest.fixture(params=["interpreter_tiles", "gpu_tiles"])
+def tiles(request, monkeypatch):
+    """The launch parameters the interpreter picks (wide tiles, fast there) or those a GPU runs (small tiles, many
+    loop steps and programs, tails): the kernels' masks and loops are checked under both."""
+    if request.param == "gpu_tiles":
+        monkeypatch.setattr(layer_norm_module, "launch_config",
+                            functools.partial(layer_norm_module.launch_config, interpreter=False))
+    return request.param
+
+
+def add_reference(x, residual, w, b, eps=1e-5):
+    """h = x + residual rounded to the stream's dtype (as stored), y = LayerNorm(h), both in float64."""
+    stream = torch.promote_types(x.dtype, residual.dtype)
+    h = x.double() + residual.double()
+    h_stored = h + (h.to(stream).double() - h).detach()  # the rounding, with the gradient of the identity
+    return h, reference(h_stored, w, b, eps)
+
+
+ADD_CASES = [(shape, dtype, bias) for shape in [(3, 7, 768), (37, 100), (2, 3, 1000), (9, 1600)]
+             for dtype in (torch.float32, torch.float16, torch.bfloat16) for bias in (True, False)
+             if bias or dtype == torch.float32]
+
+
+@pytest.mark.parametrize("shape,dtype,bias", ADD_CASES, ids=str)
+def test_add_layer_norm_both_outputs_and_gradients(shape, dtype, bias, tiles):
+    x, w, b = make(shape, dtype, bias)
+    residual = torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+    h, y = add_layer_norm(x, residual, w, b)
+    h_ref, y_ref = add_reference(x, residual, w, b)
+    tol = TOLERANCE[dtype]
+    assert h.dtype == y.dtype == dtype and h.shape == y.shape == x.shape
+    assert relative_error(h, h_ref) <= tol and relative_error(y, y_ref) <= tol
+    # gradients through both outputs: y's (the LayerNorm) and h's (the stream's skip path), added in one pass
+    dy, dh = torch.randn_like(y), torch.randn_like(h)
+    inputs = [x, residual, w] + ([b] if bias else [])
+    grads = torch.autograd.grad((y, h), inputs, (dy, dh))
+    grads_ref = torch.autograd.grad((y_ref, h_ref), inputs, (dy.double(), dh.double()))
+    for name, g, g_ref in zip(["dx", "dresidual", "dweight", "dbias"], grads, grads_ref):
+        assert g.dtype == dtype
+        assert relative_error(g, g_ref) <= tol * REDUCTION_FACTOR, name
+
+
+def test_add_layer_norm_with_only_the_normalized_output_used(tiles):
+    x, w, b = make((5, 300), torch.float32, True)
+    residual = torch.randn_like(x).requires_grad_()
+    _, y = add_layer_norm(x, residual, w, b)
+    _, y_ref = add_reference(x, residual, w, b)
+    dy = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, (x, residual, w, b), dy),
+                        torch.autograd.grad(y_ref, (x, residual, w, b), dy.double())):
+        assert relative_error(g, g_ref) <= TOLERANCE[torch.float32] * REDUCTION_FACTOR
+
+
+def test_gpu_tiles_forward_and_backward(tiles):
+    """layer_norm (no residual) under both tilings, with more rows than one backward program takes."""
+    x, w, b = make((203, 768), torch.float32, True)
+    y = layer_norm(x, w, b)
+    y_ref = reference(x, w, b)
+    assert relative_error(y, y_ref) <= TOLERANCE[torch.float32]
+    dy = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(y_ref, (x, w, b), dy.double())):
+        assert relative_error(g, g_ref) <= TOLERANCE[torch.float32] * REDUCTION_FACTOR
+
+
+def test_autocast_writes_the_normalized_output_in_the_autocast_dtype():
+    """Under autocast the stream stays float32 and the branch outputs are half: h keeps the stream's dtype and
+    y comes out in the autocast dtype, ready for the next matmul; gradients return in each input's dtype."""
+    x, w, b = make((6, 768), torch.float32, True)
+    residual = torch.randn(6, 768, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        h, y = add_layer_norm(x, residual, w, b)
+        y_plain = layer_norm(x, w, b)
+    assert h.dtype == torch.float32 and y.dtype == torch.bfloat16 and y_plain.dtype == torch.bfloat16
+    h_ref, y_ref = add_reference(x, residual, w, b)
+    assert relative_error(h, h_ref) <= TOLERANCE[torch.float32]
+    assert relative_error(y, y_ref) <= TOLERANCE[torch.bfloat16]
+    assert relative_error(y_plain, reference(x, w, b)) <= TOLERANCE[torch.bfloat16]
+    (y.float().square().sum() + h.sum()).backward()
+    assert x.grad.dtype == torch.float32 and residual.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(residual.grad, x.grad.to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_large_mean_keeps_accuracy():
@@ -86,6 +173,8 @@ def test_bad_input_errors():
         layer_norm(x, w, torch.zeros(9, device=DEVICE))
     with pytest.raises(ValueError, match="layer_norm: x must be a tensor with at least one dimension"):
         layer_norm(torch.tensor(1.0), w, b)
+    with pytest.raises(ValueError, match=r"add_layer_norm: residual has shape \(2, 7\), expected x's shape \(2, 8\)"):
+        add_layer_norm(x, x[:, :7], w, b)
 
 
 def test_cpu_without_interpreter_says_how_to_run(monkeypatch):

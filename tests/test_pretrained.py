@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, relative_error
+from helpers import ROOT
+from kernels.testing import relative_error
 from nanogpt.model import GPT
 from nanogpt.pretrained import PretrainedError
 
@@ -70,7 +71,7 @@ def test_finetune_and_sample_from_a_local_folder(hf_folder, data_dir, tmp_path):
     """train.py --init_from=<folder> with a cropped block, then sample.py from its checkpoint and the folder."""
     folder, _ = hf_folder
     from nanogpt.data import prepare_bpe
-    from conftest import SAMPLE_TEXT
+    from helpers import SAMPLE_TEXT
     prepare_bpe(SAMPLE_TEXT, data_dir / "shakespeare")
     env = {**os.environ, "NANOGPT_DATA": str(data_dir)}
     out = tmp_path / "ft"
@@ -83,7 +84,7 @@ def test_finetune_and_sample_from_a_local_folder(hf_folder, data_dir, tmp_path):
     r = subprocess.run([sys.executable, "train.py", f"--init_from={folder}", "--dataset=shakespeare", "--device=cpu",
                         "--block_size=128", f"--out_dir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True,
                        env=env)
-    assert r.returncode == 1 and "block_size=128 is larger than" in r.stderr and "64 positions" in r.stderr
+    assert r.returncode == 2 and "block_size=128 is larger than" in r.stderr and "64 positions" in r.stderr
     for args in ([f"--out_dir={out}"], [f"--init_from={folder}"]):
         r = subprocess.run([sys.executable, "sample.py", *args, "--device=cpu", "--num_samples=1",
                             "--max_new_tokens=5", "--start=Hello"], cwd=ROOT, capture_output=True, text=True, env=env)

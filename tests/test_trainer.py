@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import math
 import os
@@ -8,27 +9,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT, run, run_command, tiny_config
 from nanogpt.checkpoint import load_checkpoint
+from nanogpt.errors import CheckpointError
 from nanogpt.config import TrainConfig
 from nanogpt.trainer import Trainer, TrainingDiverged, get_lr
-
-
-def tiny_config(out_dir, **overrides):
-    base = dict(dataset="tiny_char", out_dir=str(out_dir), device="cpu", dtype="float32", compile=False,
-                n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, gradient_accumulation_steps=1,
-                max_iters=100, lr_decay_iters=100, warmup_iters=10, learning_rate=3e-3, min_lr=3e-4,
-                eval_interval=50, eval_iters=4, log_interval=1, beta2=0.99, dropout=0.0, bias=False)
-    base.update(overrides)
-    return TrainConfig(**base)
-
-
-def run(cfg, logs=None):
-    trainer = Trainer(cfg, log=(logs.append if logs is not None else lambda *_: None))
-    try:
-        return trainer, trainer.train()
-    finally:
-        trainer.close()
 
 
 def test_training_lowers_the_loss_and_resume_continues(char_dataset, tmp_path):
@@ -119,7 +104,7 @@ def test_missing_dataset_error_names_the_command(data_dir, tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--dataset=openwebtext", "--device=cpu", "--n_layer=1",
                         "--n_head=1", "--n_embd=16", f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "NANOGPT_DATA": str(data_dir)})
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "error:" in r.stderr and "prepare the dataset first (python -m nanogpt.data openwebtext)" in r.stderr
 
 
@@ -159,3 +144,94 @@ def test_wandb_offline_logging(char_dataset, tmp_path):
     summary = r.stdout + r.stderr
     for key in ("iter", "lr", "tokens_per_sec", "train/loss", "val/loss", "train/loss_step"):
         assert f" {key} " in summary, key
+
+
+TINY_ARGS = ["--dataset=tiny_char", "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
+             "--batch_size=4", "--gradient_accumulation_steps=1", "--eval_iters=1"]
+
+
+def test_two_runs_never_share_an_out_dir_and_a_killed_run_blocks_nothing(char_dataset, tmp_path):
+    """A second train.py on an out_dir in use stops before any work, naming the first; once the first is
+    killed (SIGKILL: no cleanup), the next run starts."""
+    out = tmp_path / "o"
+    env = {**os.environ, "NANOGPT_DATA": str(char_dataset.parent)}
+    first = subprocess.Popen([sys.executable, "-u", "train.py", *TINY_ARGS, "--max_iters=100000",
+                              "--eval_interval=100000", f"--out_dir={out}"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("iter 1:"):
+                break
+        second = run_command("train.py", *TINY_ARGS, "--max_iters=2", f"--out_dir={out}", env=env)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr == (f"error: out_dir {out} is in use by another training run (pid {first.pid}, lock "
+                                 f"{out / 'train.lock'}): wait for it to end, stop it, or choose another --out_dir\n")
+        assert "initializing" not in second.stdout  # stopped before any work
+    finally:
+        first.kill()
+        first.communicate()
+    third = run_command("train.py", *TINY_ARGS, "--max_iters=2", "--eval_interval=100", f"--out_dir={out}", env=env)
+    assert third.returncode == 0, third.stderr
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 3
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(char_dataset, tmp_path, monkeypatch):
+    """The disk fills between two checkpoints: training stops with one line naming the file, ckpt.pt is the
+    previous one, no temporary file is left."""
+    out = tmp_path / "o"
+    real_save, calls = torch.save, []
+
+    def disk_full_on_the_second_write(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_the_second_write)
+    with pytest.raises(CheckpointError) as e:
+        run(tiny_config(out, max_iters=20, eval_interval=5))
+    assert str(e.value) == (f"could not write checkpoint {out / 'ckpt.pt'}: No space left on device; the previous "
+                            f"ckpt.pt is intact (free space or fix the permissions of {out}, then resume with "
+                            f"--init_from=resume)")
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 5
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "train.lock"]
+
+
+def test_a_write_refused_by_the_os_is_one_line_from_train_py(char_dataset, tmp_path):
+    """A real failure: the OS file-size limit (EFBIG) is below the checkpoint's size."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+
+    out = tmp_path / "o"
+    r = run_command("train.py", *TINY_ARGS, "--max_iters=3", "--eval_interval=2", f"--out_dir={out}",
+                    env={"NANOGPT_DATA": str(char_dataset.parent)}, preexec_fn=limit_file_size)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (f"error: could not write checkpoint {out / 'ckpt.pt'}: File too large; no earlier ckpt.pt "
+                        f"existed (free space or fix the permissions of {out}, then resume with --init_from=resume)\n")
+    assert sorted(p.name for p in out.iterdir()) == ["train.lock"]
+
+
+def test_under_ddp_only_log_steps_synchronize(char_dataset, tmp_path, monkeypatch):
+    """The stop flag rides on the all-reduce that averages the logged loss: between log steps no collective and no
+    .item() runs, and a signal seen by one rank stops every rank at the next log step."""
+    import torch.distributed as dist
+    trainer = Trainer(tiny_config(tmp_path / "o", log_interval=10), log=lambda *_: None)
+    try:
+        reduced = []
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: reduced.append(t.clone()))
+        monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail(".item() outside a log step"))
+        trainer.ddp, trainer._local_iter_num, trainer._running_mfu = True, 1, -1.0
+        loss_sum = torch.tensor(2.5)
+        trainer.iter_num = 6  # iteration 5: not a log step
+        assert trainer._log_step(loss_sum, 0.1, 1e-3, stop_flag=True) is False
+        assert reduced == []
+        trainer.iter_num = 11  # iteration 10: a log step; one all-reduce of (loss, stop flag)
+        assert trainer._log_step(loss_sum, 0.1, 1e-3, stop_flag=True) is True
+        assert len(reduced) == 1 and reduced[0].tolist() == [2.5, 1.0]
+        assert trainer.history[-1] == (10, 2.5)
+    finally:
+        trainer.ddp = False  # no process group to destroy
+        trainer.close()

@@ -1,0 +1,95 @@
+"""sample.py as a library function: load a model (checkpoint or GPT-2 weights) and its vocabulary, generate,
+print the samples and the speed. Builds on the model, the loaders and generate.py; nothing imports it but
+sample.py.
+"""
+import time
+from pathlib import Path
+
+import torch
+
+from nanogpt.checkpoint import load_checkpoint
+from nanogpt.config import SampleConfig
+from nanogpt.data import dataset_dir, gpt2_encoding, load_meta
+from nanogpt.errors import ConfigError
+from nanogpt.generate import generate
+from nanogpt.loading import model_from_checkpoint, model_from_pretrained
+from nanogpt.runtime import setup_runtime
+
+
+def load_codec(ckpt):
+    """(encode, decode): the dataset's character vocabulary when it has meta.pkl, else GPT-2 BPE."""
+    config = (ckpt or {}).get("config")
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    # a checkpoint may come from anywhere: its dataset name is checked like one typed on the command line
+    meta = load_meta(dataset_dir(dataset, "the checkpoint's config.dataset")) if dataset else None
+    if meta is not None:
+        stoi, itos = meta["stoi"], meta["itos"]
+
+        def encode(s):
+            unknown = sorted(set(c for c in s if c not in stoi))
+            if unknown:
+                raise ConfigError(f"the prompt has characters outside the model's vocabulary: {unknown!r}")
+            return [stoi[c] for c in s]
+
+        return encode, lambda ids: "".join(itos[i] for i in ids)
+    enc = gpt2_encoding()
+    return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
+
+
+def run_sample(cfg, out=print):
+    """Load a model (checkpoint or GPT-2 weights), sample cfg.num_samples continuations of cfg.start in one
+    batch, print them, and report tokens/s. Returns the decoded samples."""
+    rt = setup_runtime(cfg.device, cfg.dtype, seed=cfg.seed)
+    device, device_type, dtype = rt.device, rt.device_type, rt.dtype
+    ckpt = None
+    if cfg.init_from == "resume":
+        path = Path(cfg.out_dir) / "ckpt.pt"
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, path, attn=cfg.attn or None, dropout=0.0)
+    else:
+        model = model_from_pretrained(cfg.init_from, dropout=0.0, attn=cfg.attn or None)
+    model.eval().to(device)
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    vocab_size = raw_model.config.vocab_size
+    top_k = cfg.top_k
+    if top_k > vocab_size and top_k == SampleConfig.top_k:
+        top_k = vocab_size  # the default (200) on a small character vocabulary means "no cut"
+    elif top_k > vocab_size:
+        raise ConfigError(f"top_k={cfg.top_k} is larger than the vocabulary ({vocab_size} tokens): "
+                          f"use --top_k={vocab_size} or less (0 disables it)")
+    encode, decode = load_codec(ckpt)
+    start = cfg.start
+    if start.startswith("FILE:"):
+        start = Path(start[5:]).read_text(encoding="utf-8")
+    start_ids = encode(start)
+    if not start_ids:
+        raise ConfigError("the prompt encodes to no tokens: give a non-empty prompt")
+    block_size = raw_model.config.block_size
+    if len(start_ids) > block_size:
+        raise ConfigError(f"the prompt is {len(start_ids)} tokens, longer than the model's context of "
+                          f"{block_size}: shorten it")
+    x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].repeat(cfg.num_samples, 1)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    with torch.no_grad(), rt.autocast:
+        rt.synchronize()
+        t0 = time.perf_counter()
+        y = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k or None,
+                     top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator)
+        rt.synchronize()
+        dt = time.perf_counter() - t0
+    samples = [decode(row.tolist()) for row in y]
+    for s in samples:
+        out(s)
+        out("---------------")
+    new_tokens = cfg.num_samples * cfg.max_new_tokens
+    line = (f"generated {new_tokens} tokens in {dt:.2f}s: {new_tokens / dt:,.1f} tokens/s "
+            f"({cfg.max_new_tokens / dt:,.1f} steps/s, batch {cfg.num_samples}, "
+            f"KV cache {'on' if cfg.use_cache else 'off'}, {device}, {dtype})")
+    if device_type == "cuda":
+        # as gpt-fast: every decoding step reads all the weights once
+        model_bytes = sum(p.numel() * p.element_size() for p in raw_model.parameters())
+        line += f", {model_bytes * cfg.max_new_tokens / dt / 1e9:,.1f} GB/s of weights read"
+    out(line)
+    return samples
