@@ -86,9 +86,12 @@ class SampleConfig:
     seed: int = _opt(1337, "random seed")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16")
-    compile: bool = _opt(False, "torch.compile the model")
-    attn: str = _opt("", "kernel backend to sample with; empty keeps the checkpoint's")
+    compile: bool = _opt(False, "torch.compile the prefill and the one-token decode step (static shapes; on CUDA "
+                                "a CUDA graph, mode=reduce-overhead)")
+    attn: str = _opt("", "kernel backend to sample with (prompt and decoding); empty keeps the checkpoint's")
     use_cache: bool = _opt(True, "KV cache: O(T) work per new token instead of re-running the context")
+    context: str = _opt("slide", "past block_size: slide (exact, re-runs the window every step) | shift (keep "
+                                 "the last half, re-run it once, decode from the cache again: fast)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,6 +308,8 @@ def validate_sample(cfg: SampleConfig):
     _positive(cfg, "top_k", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.context not in ("slide", "shift"):
+        raise ConfigError(f"context={cfg.context!r}: choose slide (exact, slow past block_size) or shift (fast)")
     if cfg.attn and cfg.attn not in available_backends():
         raise ConfigError(f"unknown attention backend attn={cfg.attn!r}: choose one of "
                           f"{', '.join(available_backends())}")

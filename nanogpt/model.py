@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from nanogpt.backends import get_backend
+from nanogpt.kv_cache import KVCache
 
 
 @dataclass
@@ -61,20 +62,23 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.backend = backend
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv=None, lengths=None):
+        """Without kv: training and uncached inference. With kv (this layer's LayerKV) and no lengths: prefill,
+        tokens at positions 0..T-1, whose keys and values go into the cache. With both: decode, the T new tokens
+        are the last T of each row's lengths[b] valid positions (lengths counts them already)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs): strided views; the Triton kernel reads them without a copy
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if kv_cache is not None and kv_cache.length > 0:
-            # decoding: new queries attend to every cached key (all earlier), and causally among themselves
-            k, v = kv_cache.append(k, v)
-            y = kv_cache.attend(q, k, v)
+        if kv is not None and lengths is not None:
+            # decode: the new keys go into the static cache, the new queries attend to all the row's keys
+            kv.write(k, v, lengths)
+            y = self.backend.decode_attention(q.to(kv.k.dtype), kv.k, kv.v, lengths)
         else:
-            if kv_cache is not None:  # prefill: the same causal kernel as training, then remember k, v
-                kv_cache.append(k, v)
+            if kv is not None:  # prefill: the same causal kernel as training, then remember k, v
+                kv.prefill(k, v)
             y = self.backend.attention(q, k, v, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -105,8 +109,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, backend)
         self.mlp = MLP(config, backend)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv=None, lengths=None):
+        x = x + self.attn(self.ln_1(x), kv, lengths)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -128,6 +132,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
+        self.kv_cache = None  # a KVCache once setup_kv_cache is called (sampling); never in the state_dict
 
         self.apply(self._init_weights)
         # GPT-2 paper: residual projections scaled by 1/sqrt(2 * n_layer)
@@ -151,19 +156,16 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None):
         b, t = idx.size()
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + t > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {start + t}: block_size is only "
+        if t > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {t}: block_size is only "
                              f"{self.config.block_size} (crop the context to the last {self.config.block_size} tokens)")
-        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache.layer(i) if kv_cache is not None else None)
-        if kv_cache is not None:
-            kv_cache.advance(t)
+        for block in self.transformer.h:
+            x = block(x)
         x = self.transformer.ln_f(x)
 
         if targets is not None:
@@ -174,6 +176,65 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])
             loss = None
         return logits, loss
+
+    # --------------------------------------------------------------------------------------------
+    # generation with the KV cache (nanogpt/kv_cache.py): the model owns it, sampling only drives it
+
+    def setup_kv_cache(self, batch_size, dtype=None, device=None):
+        """Allocate the static cache, (batch_size, n_head, block_size, head_dim) keys and values per layer, in
+        `dtype` (default: the weights'; under autocast pass the autocast dtype). Reused when it already fits;
+        every row starts empty."""
+        weight = self.lm_head.weight
+        dtype, device = dtype or weight.dtype, device or weight.device
+        if self.kv_cache is None or not self.kv_cache.fits(batch_size, dtype, device):
+            self.kv_cache = None  # free the old buffers first
+            c = self.config
+            self.kv_cache = KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, dtype, device)
+        self.kv_cache.lengths.zero_()
+        return self.kv_cache
+
+    def _check_cache(self, b, what):
+        if self.kv_cache is None or self.kv_cache.batch_size != b:
+            have = "none" if self.kv_cache is None else f"batch {self.kv_cache.batch_size}"
+            raise ValueError(f"{what} of a batch of {b} needs model.setup_kv_cache({b}) first (the cache has {have})")
+        if self.transformer.h[0].attn.backend.decode_attention is None:
+            raise ValueError(f"attention backend {self.config.attn!r} has no decode attention: sample with "
+                             f"use_cache=False or another backend")
+
+    def prefill(self, idx, lengths=None):
+        """Run idx (B, T) from position 0, the causal kernel as in training, and fill the cache with its keys and
+        values. lengths (B,) int: the valid tokens of each row (right-padded prompts); default T for every row.
+        Returns the logits (B, 1, V) of each row's last valid token. Exactly the uncached forward's logits."""
+        b, t = idx.size()
+        self._check_cache(b, "prefill")
+        if t > self.config.block_size:
+            raise ValueError(f"cannot prefill a sequence of length {t}: block_size is only "
+                             f"{self.config.block_size} (crop the context to the last {self.config.block_size} tokens)")
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block, kv in zip(self.transformer.h, self.kv_cache.layers):
+            x = block(x, kv)
+        x = self.transformer.ln_f(x)
+        if lengths is None:
+            self.kv_cache.lengths.fill_(t)
+            return self.lm_head(x[:, [-1], :])
+        self.kv_cache.lengths.copy_(lengths)
+        last = x[torch.arange(b, device=idx.device), lengths.long() - 1]
+        return self.lm_head(last[:, None, :])
+
+    def decode(self, idx):
+        """One decoding step: idx (B, Tq) new tokens, appended after each row's valid positions; returns their
+        logits (B, Tq, V). Static shapes, no host sync (.item()), nothing allocated on the CPU: this is the
+        function that is compiled and captured as a CUDA graph. The caller keeps lengths + Tq <= block_size."""
+        b, t = idx.size()
+        self._check_cache(b, "decode")
+        lengths = self.kv_cache.lengths + t  # valid positions once the new tokens are in
+        pos = lengths.long()[:, None] - t + torch.arange(t, device=idx.device)[None, :]  # (B, Tq), per row
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block, kv in zip(self.transformer.h, self.kv_cache.layers):
+            x = block(x, kv, lengths)
+        self.kv_cache.lengths.copy_(lengths)
+        return self.lm_head(self.transformer.ln_f(x))
 
     def crop_block_size(self, block_size):
         """Model surgery for a smaller block size, e.g. GPT-2's 1024 cropped to 256 for fine-tuning."""
@@ -228,8 +289,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 generator=None):
+                 context="slide", generator=None):
         """Continue each sequence of idx (b, t) by max_new_tokens tokens (see nanogpt/generate.py)."""
         from nanogpt.generate import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        use_cache=use_cache, generator=generator)
+                        use_cache=use_cache, context=context, generator=generator)

@@ -49,7 +49,7 @@ def test_file_prompt(trained, char_dataset, tmp_path):
     (["--max_new_tokens=0"], "max_new_tokens=0 must be > 0"),
     (["--temperature=0"], "temperature=0.0 must be > 0"),
     (["--top_k=1000"], "top_k=1000 is larger than the vocabulary (34 tokens)"),
-    (["--start=" + "a" * 40], "the prompt is 40 tokens, longer than the model's context of 16"),
+    (["--context=wrap"], "context='wrap': choose slide (exact, slow past block_size) or shift (fast)"),
     (["--start=Zebra~"], "the prompt has characters outside the model's vocabulary: ['Z', 'b', '~']"),
 ])
 def test_bad_sampling_input(trained, char_dataset, args, message):
@@ -58,41 +58,34 @@ def test_bad_sampling_input(trained, char_dataset, args, message):
     assert message in r.stderr
 
 
+def test_long_prompt_is_cropped_with_a_notice(trained, char_dataset):
+    r = sample(trained, "--num_samples=1", "--max_new_tokens=3", "--start=" + "a" * 40, data=char_dataset.parent)
+    assert r.returncode == 0, r.stderr
+    assert "notice: the prompt is 40 tokens, longer than the model's context of 16: keeping its last 16" in r.stderr
+    assert r.stdout.startswith("a" * 16)
+
+
+@pytest.mark.parametrize("context", ["slide", "shift"])
+def test_context_modes_past_the_block(trained, char_dataset, context):
+    """40 new tokens past block_size=16, through the triton backend for prompt and decoding."""
+    r = sample(trained, "--num_samples=2", "--max_new_tokens=40", "--start=A", "--attn=triton", f"--context={context}",
+               "--top_k=1", data=char_dataset.parent)
+    assert r.returncode == 0, r.stderr
+    assert f"KV cache on, context={context}" in r.stdout and "attn=triton" in r.stdout
+
+
 def test_missing_checkpoint(tmp_path):
     r = sample(tmp_path / "nothing")
     assert r.returncode == 1 and "no checkpoint at" in r.stderr and "train first" in r.stderr
 
 
-# ------------------------------------------------------------------------------------------------ KV cache
+# ------------------------------------------------------------------------------------------------ sampling
+# (the KV cache and the decode path: tests/test_generate.py)
 
 
 def tiny_model(attn="sdpa", block_size=24):
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=block_size, vocab_size=41, n_layer=2, n_head=2, n_embd=32, attn=attn)).eval()
-
-
-@pytest.mark.parametrize("attn", ["naive", "sdpa", "triton"])
-@pytest.mark.parametrize("prompt_len", [1, 21])  # 21 = block_size - 3
-def test_kv_cache_gives_the_tokens_of_plain_generation(attn, prompt_len):
-    """Greedy decoding; 10 new tokens from a 21-token prompt cross block_size=24, so the window slides."""
-    model = tiny_model(attn)
-    idx = torch.randint(0, 41, (2, prompt_len), generator=torch.Generator().manual_seed(1))
-    with_cache = generate(model, idx, 10, top_k=1, use_cache=True)
-    without = generate(model, idx, 10, top_k=1, use_cache=False)
-    assert torch.equal(with_cache, without)
-    assert with_cache.shape == (2, prompt_len + 10)
-
-
-def test_kv_cache_logits_match_full_forward():
-    from nanogpt.generate import KVCache
-    model = tiny_model()
-    idx = torch.randint(0, 41, (1, 12))
-    cache = KVCache(model.config.n_layer, model.config.block_size)
-    model(idx[:, :5], kv_cache=cache)
-    for t in range(5, 12):
-        step_logits, _ = model(idx[:, t:t + 1], kv_cache=cache)
-        full_logits, _ = model(idx[:, :t + 1])
-        torch.testing.assert_close(step_logits, full_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_filters():
