@@ -45,24 +45,25 @@ def test_ragged_prefill_and_decode_match_the_full_forward(attn):
     assert model.kv_cache.lengths.tolist() == done
 
 
-@pytest.mark.parametrize("prompt_len", [1, 21])  # 21 + 10 new tokens cross block_size=24
+@pytest.mark.parametrize("prompt_len", [1, 10])  # block_size 12: 10 + 6 new tokens cross it
 def test_backends_decode_the_same_tokens(prompt_len):
-    """naive, sdpa and triton give the same greedy tokens, in both context modes (shift: 40 tokens = 2 shifts)."""
+    """naive, sdpa and triton give the same greedy tokens, in both context modes (shift: 20 tokens, 2 shifts)."""
     idx = tokens(2, prompt_len)
-    for context, n in (("slide", 10), ("shift", 40)):
-        results = {attn: generate(tiny_model(attn), idx, n, top_k=1, context=context) for attn in BACKENDS}
+    for context, n in (("slide", 6), ("shift", 20)):
+        results = {attn: generate(tiny_model(attn, block_size=12, n_layer=1), idx, n, top_k=1, context=context)
+                   for attn in BACKENDS}
         assert torch.equal(results["naive"], results["sdpa"]) and torch.equal(results["naive"], results["triton"]), \
             context
 
 
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_slide_gives_the_uncached_tokens(attn):
-    """Greedy: 21-token prompt, 10 new tokens past block_size 24; the default mode is slide."""
-    model = tiny_model(attn)
-    idx = tokens(2, 21)
-    with_cache = generate(model, idx, 10, top_k=1)
-    assert torch.equal(with_cache, generate(model, idx, 10, top_k=1, use_cache=False))
-    assert with_cache.shape == (2, 31)
+    """Greedy: 10-token prompt, 6 new tokens past block_size 12; the default mode is slide."""
+    model = tiny_model(attn, block_size=12)
+    idx = tokens(2, 10)
+    with_cache = generate(model, idx, 6, top_k=1)
+    assert torch.equal(with_cache, generate(model, idx, 6, top_k=1, use_cache=False))
+    assert with_cache.shape == (2, 16)
 
 
 def test_slide_gives_the_uncached_tokens_when_sampling():
@@ -102,7 +103,7 @@ def test_shift_keeps_the_last_half_and_decodes_from_the_cache(prompt_len):
 def test_compiled_decode_step_gives_the_eager_tokens():
     """torch.compile (inductor, static shapes) of the one-token decode step and of the prefill, on the CPU."""
     model = tiny_model("sdpa", n_layer=1)
-    idx = tokens(2, 5)
+    idx = tokens(2, 12)  # block_size // 2: the prompt and the shift's re-run have one shape
     torch._dynamo.reset()
     eager = generate(model, idx, 30, top_k=1, context="shift")
     compiled = generate(model, idx, 30, top_k=1, context="shift", compile=True)
