@@ -32,9 +32,9 @@ from kernels._common import check_device, check_float, num_programs_hint
 
 MAX_QUERIES = 16  # new queries per call (speculative / multi-token decoding); 1 for plain sampling
 MAX_HEAD_DIM = 256
-# elements of the (BLOCK_M, BLOCK_N, BLOCK_D) product tile a program holds: ~64 fp32 registers per thread at
-# 4 warps, 128 at 8 warps (checked for spills on sm_90 with `python -m kernels.inspect`)
-TILE_ELEMENTS = 8192
+# elements of the (BLOCK_M, BLOCK_N, BLOCK_D) product tile a program holds: ~32 fp32 registers per thread at
+# 4 warps (8192 at Tq=1, D=64 reached 255 registers and spilled on sm_90; checked with `python -m kernels.inspect`)
+TILE_ELEMENTS = 4096
 MIN_BLOCK_N, MAX_BLOCK_N = 16, 128
 
 
