@@ -45,7 +45,8 @@ def label(row):
     if row.get("kind") == "train_step":
         parts.append("compiled" if row.get("compile") else "eager")
     if row.get("kind") == "sampling":
-        parts.append("KV cache" if row.get("use_cache") else "no cache")
+        parts.append(f"KV cache {row.get('context') or ''}".strip() if row.get("use_cache") else "no cache")
+        parts.append("compiled" if row.get("compile") else "eager")
     return " ".join(map(str, parts))
 
 

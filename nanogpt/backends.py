@@ -5,13 +5,17 @@ every kernel of the model, not only attention. Adding a backend is one `register
 never branches on the name. Each implementation has one name everywhere (registry, benchmarks, reports):
 naive (plain tensor math), sdpa (PyTorch's F.* functions), triton (kernels/).
 
-Every backend implements the same three functions, and may add a fused fourth:
+Every backend implements the same functions, and may add a fused one:
     attention(q, k, v, dropout_p) -> y     q, k, v: (B, H, T, D), causal, scale 1/sqrt(D)
     layer_norm(x, weight, bias, eps) -> y  normalizes the last dimension; bias may be None
     gelu(x, bias, approximate) -> y        GELU of x + bias, exact ("none", erf) or "tanh"; bias may be None
     add_layer_norm(x, residual, weight, bias, eps) -> (h, y)
                                            h = x + residual (the residual stream's update), y = layer_norm(h);
                                            left out (None), it is that composition of the backend's layer_norm
+    decode_attention(q, k, v, lengths) -> y
+                                           q: (B, H, Tq, D) new queries; k, v: the KV cache (B, H, Tmax, D);
+                                           lengths: (B,) int32 valid positions per row, the new ones included;
+                                           query i of row b sits at lengths[b] - Tq + i and sees keys up to it
 """
 import math
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ class Backend:
     layer_norm: Callable
     gelu: Callable
     add_layer_norm: Callable | None = None
+    decode_attention: Callable | None = None  # None: the backend cannot decode from a KV cache
     description: str = ""
 
     def __post_init__(self):
@@ -92,6 +97,19 @@ def naive_attention(q, k, v, dropout_p=0.0):
     return att @ v
 
 
+def decode_mask(lengths, Tq, Tmax):
+    """(B, 1, Tq, Tmax) bool, True where query i of row b (at position lengths[b] - Tq + i) may see key j.
+    Built on the device from the lengths tensor: no .item(), the same shape every step (CUDA graphs)."""
+    q_pos = lengths.long()[:, None] - Tq + torch.arange(Tq, device=lengths.device)[None, :]
+    return (torch.arange(Tmax, device=lengths.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+
+
+def naive_decode_attention(q, k, v, lengths):
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    att = att.masked_fill(~decode_mask(lengths, q.size(-2), k.size(-2)), float("-inf"))
+    return torch.softmax(att, dim=-1) @ v
+
+
 def naive_layer_norm(x, weight, bias=None, eps=1e-5):
     mean = x.mean(dim=-1, keepdim=True)
     var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # biased variance, as nn.LayerNorm
@@ -115,6 +133,10 @@ def sdpa_attention(q, k, v, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
+def sdpa_decode_attention(q, k, v, lengths):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask(lengths, q.size(-2), k.size(-2)))
+
+
 def sdpa_layer_norm(x, weight, bias=None, eps=1e-5):
     return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
 
@@ -131,15 +153,17 @@ def _triton_backend() -> Backend:
 
     return Backend(
         "triton", attention, kernels.layer_norm, kernels.gelu, add_layer_norm=kernels.add_layer_norm,
+        decode_attention=kernels.decode_attention,
         description="handwritten Triton kernels: fused causal attention (FlashAttention-2), residual add + "
-                    "LayerNorm, bias+GELU",
+                    "LayerNorm, bias+GELU, split-K decode attention",
     )
 
 
 # naive and sdpa leave add_layer_norm out: `x + residual`, then their layer_norm
 register_backend("naive", lambda: Backend(
-    "naive", naive_attention, naive_layer_norm, naive_gelu, description="explicit tensor math: the reference"))
+    "naive", naive_attention, naive_layer_norm, naive_gelu, decode_attention=naive_decode_attention,
+    description="explicit tensor math: the reference"))
 register_backend("sdpa", lambda: Backend(
-    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu,
+    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, decode_attention=sdpa_decode_attention,
     description="F.scaled_dot_product_attention, F.layer_norm, F.gelu"))
 register_backend("triton", _triton_backend)

@@ -92,9 +92,13 @@ class SampleConfig:
     seed: int = option(1337, "random seed")
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = option("auto", "auto | float32 | bfloat16 | float16")
-    compile: bool = option(False, "torch.compile the model")
-    attn: str = option("", "kernel backend to sample with (" + BACKENDS_HELP + "); empty keeps the checkpoint's")
+    compile: bool = option(False, "torch.compile the prefill and the one-token decode step (static shapes; on CUDA "
+                                  "a CUDA graph, mode=reduce-overhead)")
+    attn: str = option("", "kernel backend to sample with, prompt and decoding (" + BACKENDS_HELP + "); empty keeps "
+                           "the checkpoint's")
     use_cache: bool = option(True, "KV cache: O(T) work per new token instead of re-running the context")
+    context: str = option("slide", "past block_size: slide (exact, re-runs the window every step) | shift (keep "
+                                   "the last half, re-run it once, decode from the cache again: fast)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +274,8 @@ def validate_sample(cfg: SampleConfig):
     _positive(cfg, "top_k", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.context not in ("slide", "shift"):
+        raise ConfigError(f"context={cfg.context!r}: choose slide (exact, slow past block_size) or shift (fast)")
     if cfg.attn:
         check_backend_name(cfg.attn)
     check_init_from(cfg.init_from, allowed=("resume",))

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from nanogpt.backends import check_backend_name, get_backend
 from nanogpt.errors import ConfigError
+from nanogpt.kv_cache import KVCache
 
 
 @dataclass
@@ -68,20 +69,23 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.backend = backend
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv=None, lengths=None):
+        """Without kv: training and uncached inference. With kv (this layer's LayerKV) and no lengths: prefill,
+        tokens at positions 0..T-1, whose keys and values go into the cache. With both: decode, the T new tokens
+        are the last T of each row's lengths[b] valid positions (lengths counts them already)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs): strided views; the Triton kernel reads them without a copy
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if kv_cache is not None and kv_cache.length > 0:
-            # decoding: new queries attend to every cached key (all earlier), and causally among themselves
-            k, v = kv_cache.append(k, v)
-            y = kv_cache.attend(q, k, v)
+        if kv is not None and lengths is not None:
+            # decode: the new keys go into the static cache, the new queries attend to all the row's keys
+            kv.write(k, v, lengths)
+            y = self.backend.decode_attention(q.to(kv.k.dtype), kv.k, kv.v, lengths)
         else:
-            if kv_cache is not None:  # prefill: the same causal kernel as training, then remember k, v
-                kv_cache.append(k, v)
+            if kv is not None:  # prefill: the same causal kernel as training, then remember k, v
+                kv.prefill(k, v)
             y = self.backend.attention(q, k, v, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -118,12 +122,12 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, backend)
         self.mlp = MLP(config, backend)
 
-    def forward(self, x, pending=None, kv_cache=None):
+    def forward(self, x, pending=None, kv=None, lengths=None):
         if pending is None:
             h = self.ln_1(x)
         else:
             x, h = self.ln_1.add_and_norm(x, pending)  # x = x + pending; h = ln_1(x)
-        x, h = self.ln_2.add_and_norm(x, self.attn(h, kv_cache))  # x = x + attn(...); h = ln_2(x)
+        x, h = self.ln_2.add_and_norm(x, self.attn(h, kv, lengths))  # x = x + attn(...); h = ln_2(x)
         return x, self.mlp(h)
 
 
@@ -144,6 +148,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
+        self.kv_cache = None  # a KVCache once setup_kv_cache is called (sampling); never in the state_dict
 
         self.apply(self._init_weights)
         # GPT-2 paper: residual projections scaled by 1/sqrt(2 * n_layer)
@@ -167,21 +172,23 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def _blocks(self, x, kv_layers=None, lengths=None):
+        """The blocks, then ln_f. A block's MLP output stays pending until the next LayerNorm adds it to the residual
+        stream (fused add + LayerNorm, see Block). kv_layers: the cache's layers (prefill, decode)."""
+        pending = None
+        for i, block in enumerate(self.transformer.h):
+            x, pending = block(x, pending, kv_layers[i] if kv_layers is not None else None, lengths)
+        return self.transformer.ln_f(x) if pending is None else self.transformer.ln_f.add_and_norm(x, pending)[1]
+
+    def forward(self, idx, targets=None):
         b, t = idx.size()
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + t > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {start + t}: block_size is only "
+        if t > self.config.block_size:
+            raise ValueError(f"cannot forward a sequence of length {t}: block_size is only "
                              f"{self.config.block_size} (crop the context to the last {self.config.block_size} tokens)")
-        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device)
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
 
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        pending = None  # the last block's MLP output, added to x by the next LayerNorm (see Block)
-        for i, block in enumerate(self.transformer.h):
-            x, pending = block(x, pending, kv_cache.layer(i) if kv_cache is not None else None)
-        if kv_cache is not None:
-            kv_cache.advance(t)
-        x = self.transformer.ln_f(x) if pending is None else self.transformer.ln_f.add_and_norm(x, pending)[1]
+        x = self._blocks(x)
 
         if targets is not None:
             logits = self.lm_head(x)
@@ -191,6 +198,62 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])
             loss = None
         return logits, loss
+
+    # --------------------------------------------------------------------------------------------
+    # generation with the KV cache (nanogpt/kv_cache.py): the model owns it, sampling only drives it
+
+    def setup_kv_cache(self, batch_size, dtype=None, device=None):
+        """Allocate the static cache, (batch_size, n_head, block_size, head_dim) keys and values per layer, in
+        `dtype` (default: the weights'; under autocast pass the autocast dtype). Reused when it already fits;
+        every row starts empty."""
+        weight = self.lm_head.weight
+        dtype, device = dtype or weight.dtype, device or weight.device
+        if self.kv_cache is None or not self.kv_cache.fits(batch_size, dtype, device):
+            self.kv_cache = None  # free the old buffers first
+            c = self.config
+            self.kv_cache = KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, dtype, device)
+        self.kv_cache.lengths.zero_()
+        return self.kv_cache
+
+    def _check_cache(self, b, what):
+        if self.kv_cache is None or self.kv_cache.batch_size != b:
+            have = "none" if self.kv_cache is None else f"batch {self.kv_cache.batch_size}"
+            raise ValueError(f"{what} of a batch of {b} needs model.setup_kv_cache({b}) first (the cache has {have})")
+        if self.transformer.h[0].attn.backend.decode_attention is None:
+            raise ValueError(f"attention backend {self.config.attn!r} has no decode attention: sample with "
+                             f"use_cache=False or another backend")
+
+    def prefill(self, idx, lengths=None):
+        """Run idx (B, T) from position 0, the causal kernel as in training, and fill the cache with its keys and
+        values. lengths (B,) int: the valid tokens of each row (right-padded prompts); default T for every row.
+        Returns the logits (B, 1, V) of each row's last valid token. Exactly the uncached forward's logits."""
+        b, t = idx.size()
+        self._check_cache(b, "prefill")
+        if t > self.config.block_size:
+            raise ValueError(f"cannot prefill a sequence of length {t}: block_size is only "
+                             f"{self.config.block_size} (crop the context to the last {self.config.block_size} tokens)")
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self._blocks(x, self.kv_cache.layers)
+        if lengths is None:
+            self.kv_cache.lengths.fill_(t)
+            return self.lm_head(x[:, [-1], :])
+        self.kv_cache.lengths.copy_(lengths)
+        last = x[torch.arange(b, device=idx.device), lengths.long() - 1]
+        return self.lm_head(last[:, None, :])
+
+    def decode(self, idx):
+        """One decoding step: idx (B, Tq) new tokens, appended after each row's valid positions; returns their
+        logits (B, Tq, V). Static shapes, no host sync (.item()), nothing allocated on the CPU: this is the
+        function that is compiled and captured as a CUDA graph. The caller keeps lengths + Tq <= block_size."""
+        b, t = idx.size()
+        self._check_cache(b, "decode")
+        lengths = self.kv_cache.lengths + t  # valid positions once the new tokens are in
+        pos = lengths.long()[:, None] - t + torch.arange(t, device=idx.device)[None, :]  # (B, Tq), per row
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self._blocks(x, self.kv_cache.layers, lengths)
+        self.kv_cache.lengths.copy_(lengths)
+        return self.lm_head(x)
 
     def crop_block_size(self, block_size):
         """Model surgery for a smaller block size, e.g. GPT-2's 1024 cropped to 256 for fine-tuning."""
@@ -246,9 +309,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 generator=None):
+                 context="slide", generator=None):
         """nanoGPT's entry point: continue each sequence of idx (b, t) by max_new_tokens tokens.
         nanogpt/generate.py works on any model and never imports this module."""
         from nanogpt.generate import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        use_cache=use_cache, generator=generator)
+                        use_cache=use_cache, context=context, generator=generator)

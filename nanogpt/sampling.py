@@ -2,6 +2,7 @@
 print the samples and the speed. Builds on the model, the loaders and generate.py; nothing imports it but
 sample.py.
 """
+import sys
 import time
 from pathlib import Path
 
@@ -49,9 +50,7 @@ def run_sample(cfg, out=print):
     else:
         model = model_from_pretrained(cfg.init_from, dropout=0.0, attn=cfg.attn or None)
     model.eval().to(device)
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+    raw_model = model  # compiling happens inside generate(): the prefill and decode steps, each on its own
     vocab_size = raw_model.config.vocab_size
     top_k = cfg.top_k
     if top_k > vocab_size and top_k == SampleConfig.top_k:
@@ -68,15 +67,18 @@ def run_sample(cfg, out=print):
         raise ConfigError("the prompt encodes to no tokens: give a non-empty prompt")
     block_size = raw_model.config.block_size
     if len(start_ids) > block_size:
-        raise ConfigError(f"the prompt is {len(start_ids)} tokens, longer than the model's context of "
-                          f"{block_size}: shorten it")
+        print(f"notice: the prompt is {len(start_ids)} tokens, longer than the model's context of {block_size}: "
+              f"keeping its last {block_size} tokens", file=sys.stderr)
+        start_ids = start_ids[-block_size:]
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].repeat(cfg.num_samples, 1)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.no_grad(), rt.autocast:
         rt.synchronize()
         t0 = time.perf_counter()
+        stats = {}
         y = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=top_k or None,
-                     top_p=cfg.top_p, use_cache=cfg.use_cache, generator=generator)
+                     top_p=cfg.top_p, use_cache=cfg.use_cache, context=cfg.context, compile=cfg.compile,
+                     generator=generator, stats=stats)
         rt.synchronize()
         dt = time.perf_counter() - t0
     samples = [decode(row.tolist()) for row in y]
@@ -86,10 +88,41 @@ def run_sample(cfg, out=print):
     new_tokens = cfg.num_samples * cfg.max_new_tokens
     line = (f"generated {new_tokens} tokens in {dt:.2f}s: {new_tokens / dt:,.1f} tokens/s "
             f"({cfg.max_new_tokens / dt:,.1f} steps/s, batch {cfg.num_samples}, "
-            f"KV cache {'on' if cfg.use_cache else 'off'}, {device}, {dtype})")
+            f"KV cache {f'on, context={cfg.context}' if cfg.use_cache else 'off'}, "
+            f"{'compiled, ' if cfg.compile else ''}attn={raw_model.config.attn}, {device}, {dtype})")
     if device_type == "cuda":
-        # as gpt-fast: every decoding step reads all the weights once
-        model_bytes = sum(p.numel() * p.element_size() for p in raw_model.parameters())
-        line += f", {model_bytes * cfg.max_new_tokens / dt / 1e9:,.1f} GB/s of weights read"
+        # gpt-fast's count: every model call reads all the weights once, and a decode step also reads the valid
+        # part of the KV cache; against the copy bandwidth measured here (read + write of a large buffer)
+        gbps = bytes_read(raw_model, stats, cfg.num_samples) / dt / 1e9
+        roofline = copy_bandwidth(device) / 1e9
+        line += (f", {gbps:,.1f} GB/s of weights and cache read = {gbps / roofline:.0%} of the copy roofline "
+                 f"({roofline:,.0f} GB/s)")
     out(line)
     return samples
+
+
+def bytes_read(model, stats, batch_size):
+    """Bytes a generate() run had to read, from its stats: the weights once per model call, and per decode step
+    the keys and values of the valid cache positions (a prefill's activations are not counted)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = model.config
+    elem = model.kv_cache.layers[0].k.element_size() if model.kv_cache is not None else 0
+    kv_bytes_per_position = 2 * c.n_layer * c.n_embd * elem * batch_size  # keys and values, all heads
+    return weight_bytes * stats["calls"] + kv_bytes_per_position * stats["cache_positions_read"]
+
+
+def copy_bandwidth(device, nbytes=2**28, reps=10):
+    """Bytes/s of a large device-to-device copy (read + write counted), the best of `reps`: the roofline a
+    decoding step, which is bound by reading memory, is compared with."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / best

@@ -32,13 +32,29 @@ def test_file_prompt(trained, char_dataset, tmp_path):
     (["--max_new_tokens=0"], "max_new_tokens=0 must be > 0"),
     (["--temperature=0"], "temperature=0.0 must be > 0"),
     (["--top_k=1000"], "top_k=1000 is larger than the vocabulary (34 tokens)"),
-    (["--start=" + "a" * 40], "the prompt is 40 tokens, longer than the model's context of 16"),
+    (["--context=wrap"], "context='wrap': choose slide (exact, slow past block_size) or shift (fast)"),
     (["--start=Zebra~"], "the prompt has characters outside the model's vocabulary: ['Z', 'b', '~']"),
 ])
 def test_bad_sampling_input(trained, char_dataset, args, message):
     r = sample(trained, "--max_new_tokens=3", *args, data=char_dataset.parent)
     assert r.returncode != 0
     assert message in r.stderr
+
+
+def test_long_prompt_is_cropped_with_a_notice(trained, char_dataset):
+    r = sample(trained, "--num_samples=1", "--max_new_tokens=3", "--start=" + "a" * 40, data=char_dataset.parent)
+    assert r.returncode == 0, r.stderr
+    assert "notice: the prompt is 40 tokens, longer than the model's context of 16: keeping its last 16" in r.stderr
+    assert r.stdout.startswith("a" * 16)
+
+
+@pytest.mark.parametrize("context", ["slide", "shift"])
+def test_context_modes_past_the_block(trained, char_dataset, context):
+    """40 new tokens past block_size=16, through the triton backend for prompt and decoding."""
+    r = sample(trained, "--num_samples=2", "--max_new_tokens=40", "--start=A", "--attn=triton", f"--context={context}",
+               "--top_k=1", data=char_dataset.parent)
+    assert r.returncode == 0, r.stderr
+    assert f"KV cache on, context={context}" in r.stdout and "attn=triton" in r.stdout
 
 
 def test_missing_checkpoint(tmp_path):

@@ -1,0 +1,311 @@
+"""Decode attention over a static KV cache, split-K ("flash-decoding"), in Triton.
+
+    O[b, h, i] = softmax(q[b, h, i] . K[b, h, :n_i]^T * scale) V[b, h, :n_i],   n_i = lengths[b] - Tq + i + 1
+
+A decoding step has a few new queries (Tq = 1..16) per (row, head) and up to Tmax cached keys. One program
+per (row, head) would leave most of a GPU idle and read the cache serially, so the keys are split across
+programs instead:
+
+  1. split kernel, grid (num_splits, B*H): program s walks its chunk of keys [s*chunk, (s+1)*chunk), clipped
+     to the row's length, with an online softmax in fp32, and writes its partial output (already divided by
+     its own softmax sum) and the base-2 logsumexp of its scores;
+  2. combine kernel, grid (B*H,): the exact softmax over all keys is the partials weighted by
+     2^(lse_s - max_s lse_s), normalized.
+
+Query i of row b sits at position lengths[b] - Tq + i (the new queries are the last Tq valid positions: their
+own keys are written to the cache before the call) and sees the keys up to its own position. Rows may have
+different lengths (ragged batches); chunks past a row's length exit without reading anything, so the work
+follows the lengths while the launch depends only on the static shapes (what a CUDA graph needs: no .item(),
+no host sync, nothing sized by the data).
+
+Scores are computed by broadcasting (q[:, None, :] * k[None, :, :], summed over D) rather than tl.dot: with
+Tq <= 16 the step is bound by reading the cache, the products are few, and the same code runs for fp32, fp16
+and bf16 under Triton's interpreter (which cannot run bf16 dots) as on the GPU. Inputs are upcast to fp32.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import check_device, check_float, num_programs_hint
+
+MAX_QUERIES = 16  # new queries per call (speculative / multi-token decoding); 1 for plain sampling
+MAX_HEAD_DIM = 256
+# elements of the (BLOCK_M, BLOCK_N, BLOCK_D) product tile a program holds: ~32 fp32 registers per thread at
+# 4 warps (8192 at Tq=1, D=64 reached 255 registers and spilled on sm_90; checked with `python -m kernels.inspect`)
+TILE_ELEMENTS = 4096
+MIN_BLOCK_N, MAX_BLOCK_N = 16, 128
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Lengths, O_part, LSE_part, sm_scale,
+                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn,
+                         H, Tq, D, chunk, num_splits,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    length = tl.load(Lengths + b).to(tl.int32)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_pos = length - Tq + offs_m  # the position of each new query in its row
+    q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=q_mask, other=0.0).to(tl.float32)
+    q = q * (sm_scale * 1.4426950408889634)  # scores in log2 units: exp(x) = exp2(x * log2(e))
+
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)  # empty when the chunk starts past the row's length
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < hi) & (offs_d[None, :] < D)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
+        visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < hi)
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that has seen no key yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+
+    # a query that saw no key of this chunk: output 0, lse -inf (weight 0 in the combine)
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    part = (bh * num_splits + split) * Tq + offs_m  # row of O_part / LSE_part, layout (B*H, num_splits, Tq)
+    tl.store(LSE_part + part, lse, mask=offs_m < Tq)
+    tl.store(O_part + part[:, None] * D + offs_d[None, :], acc, mask=q_mask)
+
+
+@triton.jit
+def _decode_combine_kernel(O_part, LSE_part, O, stride_ob, stride_oh, stride_om, H, Tq, D, num_splits,
+                           BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < Tq
+    d_mask = offs_d < D
+    # first pass: the largest logsumexp over all splits, per query
+    lse_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        lse = tl.load(LSE_part + (bh * num_splits + offs_s[:, None]) * Tq + offs_m[None, :],
+                      mask=(offs_s[:, None] < num_splits) & m_mask[None, :], other=float("-inf"))
+        lse_max = tl.maximum(lse_max, tl.max(lse, axis=0))
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    # second pass: the partial outputs weighted by their share of the softmax mass
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(0, num_splits):
+        part = (bh * num_splits + s) * Tq + offs_m
+        w = tl.math.exp2(tl.load(LSE_part + part, mask=m_mask, other=float("-inf")) - lse_max)
+        o = tl.load(O_part + part[:, None] * D + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        total += w
+        acc += w[:, None] * o
+    acc = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# launch configuration: a function of the static shapes only (Tq, D), the same on the GPU and under the
+# interpreter, so the tests run every configuration that ships.
+
+
+def _block_m(Tq):
+    return triton.next_power_of_2(Tq)
+
+
+def _block_d(D):
+    return max(16, triton.next_power_of_2(D))
+
+
+def launch_config(Tq: int, D: int) -> dict:
+    """Block sizes and warps of the split kernel for Tq new queries of head dim D."""
+    block_m, block_d = _block_m(Tq), _block_d(D)
+    block_n = min(MAX_BLOCK_N, max(MIN_BLOCK_N, TILE_ELEMENTS // (block_m * block_d)))
+    num_warps = 4 if block_m * block_n * block_d <= TILE_ELEMENTS else 8
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 2}
+
+
+def shipped_configs() -> list[tuple[int, int, dict]]:
+    """(Tq bucket, head dim bucket, config) for every configuration launch_config can return."""
+    out = []
+    for tq in (1, 2, 4, 8, 16):
+        for d in (16, 32, 64, 128, 256):
+            out.append((tq, d, launch_config(tq, d)))
+    return out
+
+
+COMBINE_BLOCK_S = 16  # splits per step of the combine's max pass
+COMBINE_NUM_WARPS = 4
+
+
+def num_splits_for(B: int, H: int, Tmax: int, block_n: int, device: torch.device) -> int:
+    """Enough programs to fill the device (a few per SM), never more splits than key blocks. Static shapes
+    only: the same number every step, whatever the lengths."""
+    target = num_programs_hint(device, per_sm=4)
+    return max(1, min(triton.cdiv(Tmax, block_n), triton.cdiv(target, B * H)))
+
+
+# ------------------------------------------------------------------------------------------------
+# custom op
+
+
+@torch.library.custom_op("nanogpt_kernels::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
+                         num_splits: int) -> torch.Tensor:
+    B, H, Tq, D = q.shape
+    Tmax = k.shape[2]
+    cfg = launch_config(Tq, D)
+    chunk = triton.cdiv(triton.cdiv(Tmax, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    o_part = torch.empty((B * H, num_splits, Tq, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B * H, num_splits, Tq), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(num_splits, B * H)](
+        q, k, v, lengths, o_part, lse_part, scale,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, Tq, D, chunk, num_splits,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _decode_combine_kernel[(B * H,)](
+        o_part, lse_part, o, *o.stride()[:3], H, Tq, D, num_splits,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"], num_warps=COMBINE_NUM_WARPS,
+        num_stages=1)
+    return o
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, lengths, scale, num_splits):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _visible_mask(lengths, Tq, Tmax):
+    """(B, 1, Tq, Tmax) bool: query i of row b sees key j iff j <= lengths[b] - Tq + i."""
+    q_pos = lengths.long()[:, None] - Tq + torch.arange(Tq, device=lengths.device)[None, :]
+    return (torch.arange(Tmax, device=lengths.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lengths, scale, _ = inputs
+    ctx.save_for_backward(q, k, v, lengths, output)
+    ctx.scale = scale
+
+
+def _backward(ctx, do):
+    # Decoding is inference; the gradient is here so the op is a complete autograd citizen. It recomputes the
+    # attention weights in fp32 with plain tensor math (no kernel): fine for the few queries of a decode step.
+    q, k, v, lengths, o = ctx.saved_tensors
+    Tq, Tmax = q.shape[2], k.shape[2]
+    qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
+    s = (qf @ kf.transpose(-2, -1)) * ctx.scale
+    p = torch.softmax(s.masked_fill(~_visible_mask(lengths, Tq, Tmax), float("-inf")), dim=-1)
+    dv = p.transpose(-2, -1) @ dof
+    dp = dof @ vf.transpose(-2, -1)
+    ds = p * (dp - (dof * o.float()).sum(-1, keepdim=True))
+    dq = (ds @ kf) * ctx.scale
+    dk = (ds.transpose(-2, -1) @ qf) * ctx.scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+_decode_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(q, k, v, lengths):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"decode_attention: {name} must be a 4-d tensor (B, H, T, D), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        check_float("decode_attention", name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"decode_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, Tq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"decode_attention: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (k and v are the cache, (B, H, Tmax, D) with q's B, H and D)")
+    if not 1 <= Tq <= MAX_QUERIES:
+        raise ValueError(f"decode_attention: {Tq} new queries; supported: 1 to {MAX_QUERIES} (run a longer "
+                         f"chunk as a prefill with kernels.attention)")
+    if Tq > k.shape[2]:
+        raise ValueError(f"decode_attention: {Tq} new queries but a cache of only {k.shape[2]} positions")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"decode_attention: head dim {D} is not supported; supported: 1 to {MAX_HEAD_DIM}")
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.dtype not in (torch.int32,
+                                                                                                torch.int64):
+        got = (f"{tuple(lengths.shape)} {lengths.dtype}" if isinstance(lengths, torch.Tensor)
+               else type(lengths).__name__)
+        raise ValueError(f"decode_attention: lengths must be a (B,) = ({B},) int32 tensor of valid keys per row, "
+                         f"got {got}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"decode_attention: {name} must be contiguous in its last (head) dimension; call "
+                             f".contiguous() on it")
+    check_device("decode_attention", q, k, v, lengths)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attention of Tq new queries over a KV cache with per-row valid lengths.
+
+    q: (B, H, Tq, D), 1 <= Tq <= 16; k, v: the cache buffers (B, H, Tmax, D), of which the first lengths[b]
+    positions of row b are valid (the new queries' own keys included: they are written before the call);
+    lengths: (B,) int32 on q's device, Tq <= lengths[b] <= Tmax (not checked: that would need a host sync).
+    Query i of row b is at position lengths[b] - Tq + i and sees the keys up to it. float32, float16 or
+    bfloat16, fp32 accumulation, output (B, H, Tq, D) in the input dtype. scale defaults to 1/sqrt(D)."""
+    _check_inputs(q, k, v, lengths)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    B, H, Tq, D = q.shape
+    num_splits = num_splits_for(B, H, k.shape[2], launch_config(Tq, D)["BLOCK_N"], q.device)
+    return _decode_attention_op(q, k, v, lengths, float(scale), num_splits)
+
+
+# ------------------------------------------------------------------------------------------------
+# for `python -m kernels.inspect`: what to compile for a GPU target, from the same config function as the launch
+
+
+def inspect_cases() -> list[dict]:
+    cases = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for tq, d, cfg in shipped_configs():
+            if d not in (64, 128) or (dtype != "bf16" and tq != 1):
+                continue  # GPT-2's head dims; every Tq bucket in bf16, the other dtypes at Tq = 1
+            ptr = f"*{dtype}"
+            cases.append({
+                "kernel": "decode_attention_split",
+                "fn": _decode_split_kernel,
+                "signature": {"Q": ptr, "K": ptr, "V": ptr, "Lengths": "*i32", "O_part": "*fp32",
+                              "LSE_part": "*fp32", "sm_scale": "fp32",
+                              **{s: "i32" for s in ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh",
+                                                    "stride_kn", "stride_vb", "stride_vh", "stride_vn")},
+                              "H": "i32", "Tq": "i32", "D": "i32", "chunk": "i32", "num_splits": "i32",
+                              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+                "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]},
+                "config": dict(cfg),
+                "problem": {"dtype": dtype, "head_dim": d, "queries": tq},
+            })
+            if tq == 1 or dtype == "bf16":
+                cases.append({
+                    "kernel": "decode_attention_combine",
+                    "fn": _decode_combine_kernel,
+                    "signature": {"O_part": "*fp32", "LSE_part": "*fp32", "O": ptr, "stride_ob": "i32",
+                                  "stride_oh": "i32", "stride_om": "i32", "H": "i32", "Tq": "i32", "D": "i32",
+                                  "num_splits": "i32", "BLOCK_M": "constexpr", "BLOCK_S": "constexpr",
+                                  "BLOCK_D": "constexpr"},
+                    "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_S": COMBINE_BLOCK_S, "BLOCK_D": cfg["BLOCK_D"]},
+                    "config": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_S": COMBINE_BLOCK_S, "BLOCK_D": cfg["BLOCK_D"],
+                               "num_warps": COMBINE_NUM_WARPS, "num_stages": 1},
+                    "problem": {"dtype": dtype, "head_dim": d, "queries": tq},
+                })
+    return cases
