@@ -1,11 +1,12 @@
 """Handwritten Triton kernels, each a PyTorch custom op with autograd that torch.compile traces.
 
-    from kernels import attention, layer_norm, gelu
+    from kernels import attention, layer_norm, gelu, linear_cross_entropy
 
 On a CPU, Triton runs them only through its interpreter: set TRITON_INTERPRET=1 before importing triton.
 """
 from kernels.attention import attention
 from kernels.gelu import gelu
 from kernels.layer_norm import layer_norm
+from kernels.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["attention", "gelu", "layer_norm"]
+__all__ = ["attention", "gelu", "layer_norm", "linear_cross_entropy"]
