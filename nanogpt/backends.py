@@ -1,4 +1,4 @@
-"""The backend registry: one name -> the attention, LayerNorm and GELU a Block uses.
+"""The backend registry: one name -> the attention, LayerNorm and GELU a Block uses, and the GPT's loss head.
 
 Adding a backend is one `register_backend` call; the model never branches on the name.
 
@@ -6,6 +6,10 @@ Every backend implements the same three functions:
     attention(q, k, v, dropout_p) -> y     q, k, v: (B, H, T, D), causal, scale 1/sqrt(D)
     layer_norm(x, weight, bias, eps) -> y  normalizes the last dimension; bias may be None
     gelu(x, bias, approximate) -> y        GELU of x + bias, exact ("none", erf) or "tanh"; bias may be None
+and the loss head of training (None: the model's default, `linear_loss_head`):
+    loss_head(x, weight, targets, ignore_index) -> (logits or None, loss)
+        loss = F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index) over all positions; a fused
+        head returns None for the logits it never builds
 """
 import math
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ class Backend:
     attention: Callable
     layer_norm: Callable
     gelu: Callable
+    loss_head: Callable | None = None
     description: str = ""
 
 
@@ -76,6 +81,13 @@ def naive_gelu(x, bias=None, approximate="none"):
     return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
 
 
+def linear_loss_head(x, weight, targets, ignore_index=-1):
+    """The LM head and its loss as nanoGPT computes them: the (B, T, V) logits, then cross-entropy on them."""
+    logits = F.linear(x, weight)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=ignore_index)
+    return logits, loss
+
+
 # ----------------------------------------------------------------------------------------------
 # sdpa: PyTorch's fused kernels (flash / memory-efficient / cuDNN attention where the device has them)
 
@@ -98,14 +110,20 @@ def _triton_backend() -> Backend:
     def attention(q, k, v, dropout_p=0.0):
         return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
 
+    def loss_head(x, weight, targets, ignore_index=-1):
+        return None, kernels.linear_cross_entropy(x, weight, targets, ignore_index=ignore_index)
+
     return Backend(
-        "triton", attention, kernels.layer_norm, kernels.gelu,
-        "handwritten Triton kernels: fused causal attention (FlashAttention-2), LayerNorm, bias+GELU",
+        "triton", attention, kernels.layer_norm, kernels.gelu, loss_head=loss_head,
+        description="handwritten Triton kernels: fused causal attention (FlashAttention-2), LayerNorm, bias+GELU, "
+                    "linear + cross-entropy without the logits",
     )
 
 
 register_backend("naive", lambda: Backend(
-    "naive", naive_attention, naive_layer_norm, naive_gelu, "explicit tensor math: the reference"))
+    "naive", naive_attention, naive_layer_norm, naive_gelu, loss_head=linear_loss_head,
+    description="explicit tensor math: the reference"))
 register_backend("sdpa", lambda: Backend(
-    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, "F.scaled_dot_product_attention, F.layer_norm, F.gelu"))
+    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, loss_head=linear_loss_head,
+    description="F.scaled_dot_product_attention, F.layer_norm, F.gelu, F.linear + F.cross_entropy"))
 register_backend("triton", _triton_backend)
