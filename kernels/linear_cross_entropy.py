@@ -56,8 +56,10 @@ def _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < C
         x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(W + cols[:, None] * stride_wv + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        # W's tile read as (BLOCK_K, BLOCK_V), i.e. W^T directly: the same for the compiler as tl.trans of a
+        # (BLOCK_V, BLOCK_K) load, and a contiguous array for the interpreter's numpy matmul (100x faster)
+        wt = tl.load(W + cols[None, :] * stride_wv + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     return acc
 
 
@@ -112,27 +114,40 @@ def _lce_dlogits(X, W, Targets, LSE, RowScale, DL, stride_xm, stride_wv, stride_
 
 
 # ------------------------------------------------------------------------------------------------
-# launch configuration. On a GPU: autotuned over these lists (tensor-core tiles, fp32 accumulators of
-# BLOCK_M x BLOCK_V). Under the interpreter: the first entry (tests run every entry there too).
-
-FWD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bm, bv, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                                        (64, 256, 64, 8, 3)]]
-DLOGITS_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                   for bm, bv, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4)]]
-_AUTOTUNE_KEY = ["V", "C"]  # dtype is part of Triton's own cache key
-_lce_fwd_tuned = triton.autotune(FWD_CONFIGS, key=_AUTOTUNE_KEY)(_lce_fwd)
-_lce_dlogits_tuned = triton.autotune(DLOGITS_CONFIGS, key=["C"])(_lce_dlogits)
+# launch configuration. On a GPU: autotuned over these lists, per kind of input. fp16/bf16 tiles feed the tensor
+# cores (wgmma on Hopper), with fp32 accumulators of BLOCK_M x BLOCK_V; fp32 inputs multiply in full precision on
+# the FMA units with the operands in registers, so their tiles and K slices are smaller (larger ones spill: see
+# `python -m kernels.inspect`). Under the interpreter: one wide tile (each program and loop iteration costs
+# Python time, a wide numpy tile costs little); the tests run every GPU entry there too.
 
 
-def _launch(kernel, tuned, config, grid, *args):
-    """Run `kernel` with `config` when given; else the autotuned version on a GPU, the first config on the
+def _configs(entries):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bv, bk, w, s in entries]
+
+
+CONFIGS = {  # (kernel, fp32 inputs?) -> the launch configs
+    ("fwd", False): _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
+    ("dlogits", False): _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
+    ("fwd", True): _configs([(64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)]),
+    ("dlogits", True): _configs([(64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)]),
+}
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_V": 1024, "BLOCK_K": 128}, num_warps=4, num_stages=1)
+_KERNELS = {"fwd": _lce_fwd, "dlogits": _lce_dlogits}
+_AUTOTUNE_KEYS = {"fwd": ["V", "C"], "dlogits": ["C"]}  # the dtype is part of Triton's own cache key
+_TUNED = {(name, fp32): triton.autotune(configs, key=_AUTOTUNE_KEYS[name])(_KERNELS[name])
+          for (name, fp32), configs in CONFIGS.items()}
+
+
+def _launch(name, dtype, config, grid, *args):
+    """Run kernel `name` with `config` when given; else autotuned over CONFIGS on a GPU, INTERPRETER_CONFIG on the
     interpreter (where timing means nothing). `grid` takes the launch's meta-parameters."""
     if config is None and not interpreting():
-        tuned[grid](*args)
+        _TUNED[name, dtype == torch.float32][grid](*args)
         return
-    config = config or tuned.configs[0]
-    kernel[grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    config = config or INTERPRETER_CONFIG
+    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps,
+                                        num_stages=config.num_stages)
 
 
 def _num_splits(N, V, device):
@@ -152,7 +167,7 @@ def _forward(x, weight, targets, ignore_index, reduction, config=None, splits=No
     part_sum = torch.empty_like(part_max)
     part_target = torch.empty_like(part_max)
     if N > 0:
-        _launch(_lce_fwd, _lce_fwd_tuned, config, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits),
+        _launch("fwd", x.dtype, config, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits),
                 x, weight, targets, part_max, part_sum, part_target, x.stride(0), weight.stride(0), N, V, C)
     row_max = part_max.max(dim=1).values
     lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
@@ -193,7 +208,7 @@ def _backward(grad, x, weight, targets, lse, ignore_index, reduction, config=Non
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dl = dl_buffer[:, :v_end - v_start]
-        _launch(_lce_dlogits, _lce_dlogits_tuned, config,
+        _launch("dlogits", x.dtype, config,
                 lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(v_end - v_start, meta["BLOCK_V"])),
                 x, weight, targets, lse, row_scale, dl, x.stride(0), weight.stride(0), dl.stride(0), N, C,
                 v_start, v_end)
@@ -304,26 +319,24 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def inspect_cases():
-    """What `python -m kernels.inspect` compiles: every shipped config of both kernels at GPT-2's width."""
+    """What `python -m kernels.inspect` compiles (the contract is at the top of kernels/inspect.py): every shipped
+    config of both kernels, at GPT-2 124M's head (16K rows of width 768, vocabulary 50304)."""
+    from kernels.inspect import launch_case
+    N, C, V = 16 * 1024, 768, 50304
+    chunk = _vocab_chunk(N, V, C)
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     cases = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        common = {"X": f"*{dtype}", "W": f"*{dtype}", "Targets": "*i64"}
-        for config in FWD_CONFIGS:
-            signature = {**common, "PartMax": "*fp32", "PartSum": "*fp32", "PartTarget": "*fp32",
-                         "stride_xm": "i32", "stride_wv": "i32", "N": "i32", "V": "i32", "C": "i32",
-                         **{k: "constexpr" for k in config.kwargs}}
-            cases.append({"kernel": "linear_cross_entropy_fwd", "fn": _lce_fwd, "signature": signature,
-                          "constexprs": dict(config.kwargs),
-                          "config": {**config.kwargs, "num_warps": config.num_warps,
-                                     "num_stages": config.num_stages},
-                          "problem": {"dtype": dtype, "width": 768, "vocab": 50304}})
-        for config in DLOGITS_CONFIGS:
-            signature = {**common, "LSE": "*fp32", "RowScale": "*fp32", "DL": f"*{dtype}",
-                         "stride_xm": "i32", "stride_wv": "i32", "stride_dl": "i32", "N": "i32", "C": "i32",
-                         "v_start": "i32", "v_end": "i32", **{k: "constexpr" for k in config.kwargs}}
-            cases.append({"kernel": "linear_cross_entropy_dlogits", "fn": _lce_dlogits, "signature": signature,
-                          "constexprs": dict(config.kwargs),
-                          "config": {**config.kwargs, "num_warps": config.num_warps,
-                                     "num_stages": config.num_stages},
-                          "problem": {"dtype": dtype, "width": 768, "vocab": 50304}})
+    for dtype in (torch.bfloat16, torch.float32):
+        problem = {"dtype": names[dtype], "width": C, "vocab": V, "rows": N}
+        fp32 = dtype == torch.float32
+        for config in CONFIGS["fwd", fp32]:
+            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            cases.append(launch_case("linear_cross_entropy_fwd", _lce_fwd, launch, problem, dict(
+                X=dtype, W=dtype, Targets=torch.int64, PartMax=torch.float32, PartSum=torch.float32,
+                PartTarget=torch.float32, stride_xm=C, stride_wv=C, N=N, V=V, C=C)))
+        for config in CONFIGS["dlogits", fp32]:
+            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            cases.append(launch_case("linear_cross_entropy_dlogits", _lce_dlogits, launch, problem, dict(
+                X=dtype, W=dtype, Targets=torch.int64, LSE=torch.float32, RowScale=torch.float32, DL=dtype,
+                stride_xm=C, stride_wv=C, stride_dl=chunk, N=N, C=C, v_start=chunk, v_end=2 * chunk)))
     return cases

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE
 from kernels import linear_cross_entropy
-from kernels.linear_cross_entropy import (DLOGITS_CONFIGS, FWD_CONFIGS, _backward, _forward,
-                                          _linear_cross_entropy_fwd_op)
+from kernels.linear_cross_entropy import CONFIGS, _backward, _forward, _linear_cross_entropy_fwd_op
 from kernels.testing import relative_error, tolerance
 
 # The issue's bar: fp32 within 1e-5 (fp32 products, "ieee" dots: as tight as a pointwise kernel), fp16 within 1e-2
@@ -75,13 +74,20 @@ def test_matches_float64_reference(N, C, V, scale, ignored, reduction, dtype):
         assert (x.grad[list(ignored)] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("index", range(max(len(FWD_CONFIGS), len(DLOGITS_CONFIGS))))
-def test_every_shipped_config(index, dtype):
-    """Each launch config of both kernels (as the GPU's autotuner may pick it), with 3 vocabulary splits in the
-    forward and 256-column chunks in the backward (dx summed over 4 chunks, the last one partial)."""
-    fwd_config = FWD_CONFIGS[index % len(FWD_CONFIGS)]
-    dlogits_config = DLOGITS_CONFIGS[index % len(DLOGITS_CONFIGS)]
+def _config_cases():
+    for dtype in (torch.float32, torch.float16):
+        fp32 = dtype == torch.float32
+        for index in range(max(len(CONFIGS["fwd", fp32]), len(CONFIGS["dlogits", fp32]))):
+            yield pytest.param(dtype, index, id=f"{str(dtype)[6:]}-{index}")
+
+
+@pytest.mark.parametrize("dtype,index", list(_config_cases()))
+def test_every_shipped_config(dtype, index):
+    """Each launch config of both kernels for this dtype (as the GPU's autotuner may pick it), with 3 vocabulary
+    splits in the forward and 256-column chunks in the backward (dx summed over 4 chunks, the last one partial)."""
+    fwd_configs, dlogits_configs = CONFIGS["fwd", dtype == torch.float32], CONFIGS["dlogits", dtype == torch.float32]
+    fwd_config = fwd_configs[index % len(fwd_configs)]
+    dlogits_config = dlogits_configs[index % len(dlogits_configs)]
     x, w, targets = make_inputs(131, 72, 1003, dtype, 5.0, ignored=(7, 130))
     loss, lse = _forward(x, w, targets, -1, "sum", config=fwd_config, splits=3)
     grad = torch.tensor(0.7, device=DEVICE)
