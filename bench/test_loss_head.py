@@ -5,18 +5,22 @@ Rows (group "loss head"): each registered backend's `loss_head` forward+backward
 the size of the fp32 logits it may avoid. naive and sdpa build the logits (F.linear + F.cross_entropy); triton
 runs kernels.linear_cross_entropy, which never does.
 
-Peak memory of one call: on a GPU, torch.cuda.max_memory_allocated() after a reset (bench.common's helpers),
-minus what was allocated before. On a CPU, bench.common.peak_memory_bytes() is the process's lifetime peak RSS,
-which cannot tell one case from the next; here the kernel's high-water mark (VmHWM) is reset through
-/proc/self/clear_refs before the call and the resident set before it is subtracted. The CPU figure counts
-everything the process touched, the Triton interpreter's numpy temporaries included (they count against triton).
+Peak memory of one call: the bytes torch's allocations hold at once above what was held before, the figure a GPU
+reports as torch.cuda.max_memory_allocated() (read there through bench.common's helpers). On a CPU it comes from
+the profiler's allocation and free events (torch.profiler, profile_memory=True), which see every tensor allocated
+inside the custom ops too; bench.common.peak_memory_bytes() is the process's lifetime peak RSS there, which cannot
+tell one case from the next. Like the GPU figure, it leaves out what is not a torch tensor: the Triton
+interpreter's numpy temporaries (registers and shared memory on a GPU).
 
 `python -m bench.test_loss_head` measures the CPU goal of the fused loss head: the peak memory of one training
 step (forward, backward, AdamW) of a 2-layer, 128-wide GPT with vocabulary 50304 and batch 8 x 256, per backend,
-each in a fresh process (MALLOC_MMAP_THRESHOLD_=65536, so every tensor larger than 64 KiB is its own mapping and
-returns to the OS when freed: the resident set follows the live tensors). test_train_step_peak_memory_cpu runs
-the same measurement and checks that triton's step peaks lower than sdpa's by at least the logits and their
-gradient (2 x 8 x 256 x 50304 x 4 bytes).
+each in a fresh process, after a warm-up step (AdamW's state): torch's allocations as above, and the resident
+set's high-water mark (VmHWM reset through /proc/self/clear_refs, minus the resident set before the step), which
+counts everything, the interpreter's temporaries included (they count against triton). The processes start with
+MALLOC_MMAP_THRESHOLD_=65536, so every block of 64 KiB or more is its own mapping and leaves the resident set when
+freed. test_train_step_peak_memory_cpu (with --benchmark) runs the same measurement and checks that triton's step
+peaks lower than sdpa's, by both measures, by at least the logits and their gradient (2 x 8 x 256 x 50304 x 4
+bytes).
 """
 import json
 import os
@@ -45,8 +49,9 @@ def _status_kib(field):
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def call_peak_bytes(fn):
-    """Peak memory while fn() runs, above what was held before it (see the module docstring)."""
+def allocator_peak_bytes(fn):
+    """Peak bytes held by torch's allocations made while fn() runs (live at once), like the GPU's
+    max_memory_allocated: from the profiler's allocation/free events (CPU), or the CUDA allocator's counters."""
     if ON_GPU:
         sync()
         base = torch.cuda.memory_allocated()
@@ -54,6 +59,22 @@ def call_peak_bytes(fn):
         fn()
         sync()
         return peak_memory_bytes() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:  # nbytes: + for an allocation, - for a free
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def rss_peak_bytes(fn):
+    """CPU: the resident set's high-water mark while fn() runs, above the resident set before it: everything the
+    process touched, numpy temporaries of the Triton interpreter included. Reliable only in a process started
+    with MALLOC_MMAP_THRESHOLD_=65536 (else glibc may reuse freed heap memory without growing the resident set)."""
     base = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
     fn()
@@ -94,11 +115,11 @@ def test_loss_head(benchmark, record, backend, dtype):
     gate(f"loss head {backend} {dtype}", fwd_bwd(*inputs), expected, dtype, reductions=(2,))
     del expected
 
-    peak = call_peak_bytes(lambda: fwd_bwd(*inputs))
+    peak = allocator_peak_bytes(lambda: fwd_bwd(*inputs))
     timed = not (backend == "triton" and INTERPRETED_TRITON)
     record(kind="loss_head", backend=backend, passes="fwd+bwd", dtype=str(dtype)[6:], timed=timed,
            shape=[ROWS, WIDTH, VOCAB], peak_memory_bytes=peak, logits_fp32_bytes=ROWS * VOCAB * 4,
-           peak_memory_method="cuda max_memory_allocated" if ON_GPU else "VmHWM after clear_refs, minus VmRSS")
+           peak_memory_method="cuda max_memory_allocated" if ON_GPU else "torch.profiler allocation events")
     if not timed:
         record_untimed(benchmark, "Triton interpreter on CPU: checked and memory measured, not timed")
         return
@@ -134,8 +155,9 @@ def _one_step_peak(attn):
         losses.append(loss.item())
 
     step()
-    peak = call_peak_bytes(step)
-    return {"backend": attn, "step_peak_bytes": peak, "loss": losses[-1]}
+    rss = rss_peak_bytes(step)
+    allocated = allocator_peak_bytes(step)
+    return {"backend": attn, "step_peak_bytes": allocated, "step_rss_peak_bytes": rss, "loss": losses[-1]}
 
 
 def measure_train_step_peaks(backends):
@@ -162,9 +184,11 @@ def test_train_step_peak_memory_cpu(benchmark, record, timing):
            logits_and_grad_bytes=logits_and_grad)
     record_untimed(benchmark, "memory only")
     if "triton" in results and "sdpa" in results:
-        saved = results["sdpa"]["step_peak_bytes"] - results["triton"]["step_peak_bytes"]
-        assert saved >= logits_and_grad, (f"the fused loss head saves {saved / 2**20:.0f} MiB of the step's peak, "
-                                          f"less than the logits and their gradient ({logits_and_grad / 2**20:.0f} MiB)")
+        for key in ("step_peak_bytes", "step_rss_peak_bytes"):
+            saved = results["sdpa"][key] - results["triton"][key]
+            assert saved >= logits_and_grad, (f"the fused loss head saves {saved / 2**20:.0f} MiB of the step's "
+                                              f"peak ({key}), less than the logits and their gradient "
+                                              f"({logits_and_grad / 2**20:.0f} MiB)")
         assert abs(results["triton"]["loss"] - results["sdpa"]["loss"]) < 1e-3 * results["sdpa"]["loss"]
 
 
@@ -175,5 +199,7 @@ if __name__ == "__main__":
         logits_and_grad = 2 * STEP_BATCH * STEP_MODEL["block_size"] * VOCAB * 4
         print(f"training step, {STEP_MODEL}, batch {STEP_BATCH}: peak memory above the step's start "
               f"(logits + their gradient in fp32: {logits_and_grad / 2**20:.0f} MiB)")
+        print("  backend   torch allocations   resident set   loss")
         for r in measure_train_step_peaks(sys.argv[1:] or available_backends()):
-            print(f"  {r['backend']:8s} {r['step_peak_bytes'] / 2**20:8.1f} MiB   loss {r['loss']:.4f}")
+            print(f"  {r['backend']:8s} {r['step_peak_bytes'] / 2**20:12.1f} MiB {r['step_rss_peak_bytes'] / 2**20:10.1f} MiB"
+                  f"   {r['loss']:.4f}")

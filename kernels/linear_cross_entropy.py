@@ -26,7 +26,10 @@ logsumexp must be complete before any softmax term exists): equal FLOPs (8NVC in
 and an equal peak, since the head's backward runs right after its forward and the transformer's activations are
 all still alive at that point either way. Recomputing in the backward keeps the forward cheap when no gradient is
 taken (evaluation), supports reduction="none" with any upstream gradient, and needs no extra scaling pass over dW.
-(Measured figures: see the closing note of the branch and bench/test_loss_head.py.)
+Measured on a CPU (one AdamW step of a 2-layer, 128-wide GPT, vocabulary 50304, batch 8 x 256; peak resident set
+above the step's start, as `python -m bench.test_loss_head` measures it): 110 MiB recomputing in the backward,
+132 MiB with the gradients computed in the forward (dx and dW held from the forward, then scaled copies), against
+1606 MiB for F.linear + F.cross_entropy. Time: the same kernels and GEMMs run in either order, so the same FLOPs.
 
 Rows whose target is ignore_index add nothing; "mean" divides by the number of counted rows, and when every row
 is ignored the loss is 0 and the gradients are zero (not NaN). A target outside [0, V) that is not ignore_index
