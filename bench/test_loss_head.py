@@ -201,5 +201,5 @@ if __name__ == "__main__":
               f"(logits + their gradient in fp32: {logits_and_grad / 2**20:.0f} MiB)")
         print("  backend   torch allocations   resident set   loss")
         for r in measure_train_step_peaks(sys.argv[1:] or available_backends()):
-            print(f"  {r['backend']:8s} {r['step_peak_bytes'] / 2**20:12.1f} MiB {r['step_rss_peak_bytes'] / 2**20:10.1f} MiB"
-                  f"   {r['loss']:.4f}")
+            print(f"  {r['backend']:8s} {r['step_peak_bytes'] / 2**20:12.1f} MiB "
+                  f"{r['step_rss_peak_bytes'] / 2**20:10.1f} MiB   {r['loss']:.4f}")
