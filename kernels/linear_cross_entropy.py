@@ -18,7 +18,8 @@ The logits are recomputed, one vocabulary chunk of Vc columns at a time: `_lce_d
 dlogits of a chunk (recomputing each tile with tl.dot and the saved logsumexp), then two GEMMs (cuBLAS on a GPU)
 give that chunk's rows of dW exactly (no accumulation across chunks: every row of x is in every chunk) and its
 contribution to dx, added into an fp32 accumulator. The chunk holds at most CHUNK_WEIGHTS times as many elements
-as W, so the extra memory is a small multiple of the weight gradient autograd allocates anyway.
+as W and at most a quarter of the vocabulary, so the extra memory is a small multiple of the weight gradient
+autograd allocates anyway, and never the whole logits.
 
 Why recompute in the backward rather than compute the gradients in the forward (Liger-Kernel does the latter):
 the forward kernel never stores logits, so gradients in the forward would need the same recomputation (the
@@ -187,8 +188,9 @@ def _forward(x, weight, targets, ignore_index, reduction, config=None, splits=No
 
 
 def _vocab_chunk(N, V, C):
-    """Columns of dlogits materialized at once: at most CHUNK_WEIGHTS * V * C elements, a multiple of 256."""
-    width = (CHUNK_WEIGHTS * V * C) // max(N, 1)
+    """Columns of dlogits materialized at once: at most CHUNK_WEIGHTS * V * C elements and a quarter of the
+    vocabulary (so never the whole logits, however few the rows), a multiple of 256 columns."""
+    width = min((CHUNK_WEIGHTS * V * C) // max(N, 1), triton.cdiv(V, 4))
     return min(V, max(256, width // 256 * 256))
 
 
