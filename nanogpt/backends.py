@@ -1,4 +1,4 @@
-"""The kernel backend registry: one name -> the attention, LayerNorm and GELU kernels the model runs.
+"""The kernel backend registry: one name -> the attention, LayerNorm, GELU and loss-head kernels the model runs.
 
 The config key that picks one is `attn` (nanoGPT's name, kept for its users), but a kernel backend selects
 every kernel of the model, not only attention. Adding a backend is one `register_backend` call; the model
@@ -16,6 +16,10 @@ Every backend implements the same functions, and may add a fused one:
                                            q: (B, H, Tq, D) new queries; k, v: the KV cache (B, H, Tmax, D);
                                            lengths: (B,) int32 valid positions per row, the new ones included;
                                            query i of row b sits at lengths[b] - Tq + i and sees keys up to it
+and the loss head of training (None: the model's default, `linear_loss_head`):
+    loss_head(x, weight, targets, ignore_index) -> (logits or None, loss)
+        loss = F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index) over all positions; a fused
+        head returns None for the logits it never builds
 """
 import math
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ class Backend:
     gelu: Callable
     add_layer_norm: Callable | None = None
     decode_attention: Callable | None = None  # None: the backend cannot decode from a KV cache
+    loss_head: Callable | None = None
     description: str = ""
 
     def __post_init__(self):
@@ -125,6 +130,13 @@ def naive_gelu(x, bias=None, approximate="none"):
     return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
 
 
+def linear_loss_head(x, weight, targets, ignore_index=-1):
+    """The LM head and its loss as nanoGPT computes them: the (B, T, V) logits, then cross-entropy on them."""
+    logits = F.linear(x, weight)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=ignore_index)
+    return logits, loss
+
+
 # ----------------------------------------------------------------------------------------------
 # sdpa: PyTorch's fused kernels (flash / memory-efficient / cuDNN attention where the device has them)
 
@@ -151,19 +163,23 @@ def _triton_backend() -> Backend:
     def attention(q, k, v, dropout_p=0.0):
         return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
 
+    def loss_head(x, weight, targets, ignore_index=-1):
+        return None, kernels.linear_cross_entropy(x, weight, targets, ignore_index=ignore_index)
+
     return Backend(
         "triton", attention, kernels.layer_norm, kernels.gelu, add_layer_norm=kernels.add_layer_norm,
-        decode_attention=kernels.decode_attention,
+        decode_attention=kernels.decode_attention, loss_head=loss_head,
         description="handwritten Triton kernels: fused causal attention (FlashAttention-2), residual add + "
-                    "LayerNorm, bias+GELU, split-K decode attention",
+                    "LayerNorm, bias+GELU, split-K decode attention, linear + cross-entropy without the logits",
     )
 
 
 # naive and sdpa leave add_layer_norm out: `x + residual`, then their layer_norm
 register_backend("naive", lambda: Backend(
     "naive", naive_attention, naive_layer_norm, naive_gelu, decode_attention=naive_decode_attention,
-    description="explicit tensor math: the reference"))
+    loss_head=linear_loss_head, description="explicit tensor math: the reference"))
 register_backend("sdpa", lambda: Backend(
     "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, decode_attention=sdpa_decode_attention,
-    description="F.scaled_dot_product_attention, F.layer_norm, F.gelu"))
+    loss_head=linear_loss_head,
+    description="F.scaled_dot_product_attention, F.layer_norm, F.gelu, F.linear + F.cross_entropy"))
 register_backend("triton", _triton_backend)

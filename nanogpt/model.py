@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt.backends import check_backend_name, get_backend
+from nanogpt.backends import check_backend_name, get_backend, linear_loss_head
 from nanogpt.errors import ConfigError
 from nanogpt.kv_cache import KVCache
 
@@ -146,6 +146,7 @@ class GPT(nn.Module):
             ln_f=LayerNorm(config.n_embd, config.bias, backend),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_head = backend.loss_head or linear_loss_head  # training's lm_head + cross-entropy
         # weight tying (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
         self.kv_cache = None  # a KVCache once setup_kv_cache is called (sampling); never in the state_dict
@@ -191,8 +192,9 @@ class GPT(nn.Module):
         x = self._blocks(x)
 
         if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            # the backend's loss head: logits then cross-entropy, or (triton) a fused kernel that never builds
+            # the (b, t, vocab) logits and returns None for them
+            logits, loss = self.loss_head(x, self.lm_head.weight, targets, ignore_index=-1)
         else:
             # inference: only the last position's logits are needed (the list [-1] keeps the time dim)
             logits = self.lm_head(x[:, [-1], :])

@@ -25,7 +25,10 @@ def test_backends_match_naive(other, tol, bias):
     targets = torch.randint(0, TINY["vocab_size"], (2, 17))
     ln, lossn, gn = forward_backward(naive, idx, targets)
     lo, losso, go = forward_backward(model, idx, targets)
-    assert relative_error(lo, ln) <= tol
+    if other == "triton":
+        assert lo is None  # its fused loss head never builds the logits
+    else:
+        assert relative_error(lo, ln) <= tol
     assert abs(losso.item() - lossn.item()) <= tol * abs(lossn.item())
     assert gn.keys() == go.keys()
     for name in gn:

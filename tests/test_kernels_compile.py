@@ -106,5 +106,6 @@ def test_compile_inductor_fullgraph_on_the_gpt():
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         logits, loss = compiled(idx, idx)
         loss.backward()
-    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
+    assert logits is None and eager_logits is None  # with targets, the fused loss head builds no logits
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
     assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,347 @@
+"""The language-model head's loss, fused: cross_entropy(x @ W^T, targets) without the (N, V) logits, in Triton.
+
+    loss_i = logsumexp_v(s_iv) - s_i,t_i,      s = x W^T,   x: (N, C) rows,  W: (V, C) vocabulary
+
+For GPT-2 the logits are the largest tensor of a training step (16 x 1024 x 50304 in fp32 is 3.3 GB, and their
+gradient as much again). Here they are never held whole.
+
+Forward (`_lce_fwd`): one program per (block of BLOCK_M rows, split of the vocabulary). It walks its BLOCK_V-wide
+vocabulary tiles; each logits tile is a tensor-core product x_block @ W_tile^T accumulated in fp32 over BLOCK_K
+slices of C, folded at once into an online logsumexp (running max m and sum l of exp(s - m), as in
+FlashAttention's softmax) while the target's logit is picked out of the tile that holds it. A program writes
+three floats per row (m, l, target logit); the splits (more programs when there are few row blocks) are merged
+in PyTorch on these (N, splits) vectors. Memory: O(N) floats.
+
+Backward, with P = softmax(s) and g_i the upstream gradient of row i's loss (times 1/count for "mean"):
+    dlogits = (P - onehot(t)) * g,    dx = dlogits @ W,    dW = dlogits^T @ x
+The logits are recomputed, one vocabulary chunk of Vc columns at a time: `_lce_dlogits` writes the (N, Vc)
+dlogits of a chunk (recomputing each tile with tl.dot and the saved logsumexp), then two GEMMs (cuBLAS on a GPU)
+give that chunk's rows of dW exactly (no accumulation across chunks: every row of x is in every chunk) and its
+contribution to dx, added into an fp32 accumulator. The chunk holds at most CHUNK_WEIGHTS times as many elements
+as W and at most a quarter of the vocabulary, so the extra memory is a small multiple of the weight gradient
+autograd allocates anyway, and never the whole logits.
+
+Why recompute in the backward rather than compute the gradients in the forward (Liger-Kernel does the latter):
+the forward kernel never stores logits, so gradients in the forward would need the same recomputation (the
+logsumexp must be complete before any softmax term exists): equal FLOPs (8NVC in all: 2 forward, 2 + 4 backward)
+and an equal peak, since the head's backward runs right after its forward and the transformer's activations are
+all still alive at that point either way. Recomputing in the backward keeps the forward cheap when no gradient is
+taken (evaluation), supports reduction="none" with any upstream gradient, and needs no extra scaling pass over dW.
+Measured on a CPU (one AdamW step of a 2-layer, 128-wide GPT, vocabulary 50304, batch 8 x 256; peak resident set
+above the step's start, as `python -m bench.test_loss_head` measures it): 110 MiB recomputing in the backward,
+132 MiB with the gradients computed in the forward (dx and dW held from the forward, then scaled copies), against
+1606 MiB for F.linear + F.cross_entropy. Time: the same kernels and GEMMs run in either order, so the same FLOPs.
+
+Rows whose target is ignore_index add nothing; "mean" divides by the number of counted rows, and when every row
+is ignored the loss is 0 and the gradients are zero (not NaN). A target outside [0, V) that is not ignore_index
+makes its row's loss NaN (no device sync is needed to notice it: the trainer stops on a NaN loss); on CPU
+tensors it is an error at once.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import check_device, check_float, interpreting, num_programs_hint
+
+# fp32 inputs multiply in full fp32 ("ieee"), not TF32, so float32 matches the reference to 1e-5
+PRECISION: tl.constexpr = tl.constexpr("ieee")
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+REDUCTIONS = ("mean", "sum", "none")
+# the dlogits chunk of the backward holds at most CHUNK_WEIGHTS * V * C elements (and at least one tile column)
+CHUNK_WEIGHTS = 2
+
+
+@triton.jit
+def _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """s[rows, cols] = x[rows] @ W[cols]^T for one (BLOCK_M, BLOCK_V) tile, fp32, summed over BLOCK_K slices."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < C
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        # W's tile read as (BLOCK_K, BLOCK_V), i.e. W^T directly: the same for the compiler as tl.trans of a
+        # (BLOCK_V, BLOCK_K) load, and a contiguous array for the interpreter's numpy matmul (100x faster)
+        wt = tl.load(W + cols[None, :] * stride_wv + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, N, V, C,
+             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # program (row block, split): rows [pid_m * BLOCK_M, +BLOCK_M), the split's share of the vocabulary tiles
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = rows < N
+    target = tl.load(Targets + rows, mask=row_mask, other=-1)
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), splits)
+    lo = split * tiles_per_split * BLOCK_V
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_V, V)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s * log2(e) - m_i)
+    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(lo, hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        s = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C, BLOCK_M, BLOCK_V, BLOCK_K)
+        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
+        s2 = tl.where(col_mask[None, :], s * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s2 - m_new[:, None]), axis=1)
+        m_i = m_new
+    out = rows * splits + split
+    tl.store(PartMax + out, m_i / LOG2E, mask=row_mask)  # back to natural-log units
+    tl.store(PartSum + out, l_i, mask=row_mask)
+    tl.store(PartTarget + out, target_logit, mask=row_mask)
+
+
+@triton.jit
+def _lce_dlogits(X, W, Targets, LSE, RowScale, DL, stride_xm, stride_wv, stride_dl, N, C, v_start, v_end,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one (BLOCK_M, BLOCK_V) tile of the chunk's dlogits = (softmax(s) - onehot(target)) * row_scale
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < v_end
+    s = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C, BLOCK_M, BLOCK_V, BLOCK_K)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    scale = tl.load(RowScale + rows, mask=row_mask, other=0.0)  # 0 for ignored rows
+    target = tl.load(Targets + rows, mask=row_mask, other=-1)
+    p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+    dl = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * scale[:, None]
+    tl.store(DL + rows[:, None] * stride_dl + (cols - v_start)[None, :], dl.to(DL.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# launch configuration. On a GPU: autotuned over these lists, per kind of input. fp16/bf16 tiles feed the tensor
+# cores (wgmma on Hopper), with fp32 accumulators of BLOCK_M x BLOCK_V; fp32 inputs multiply in full precision on
+# the FMA units with the operands in registers, so their tiles and K slices are smaller (larger ones spill: see
+# `python -m kernels.inspect`). Under the interpreter: one wide tile (each program and loop iteration costs
+# Python time, a wide numpy tile costs little); the tests run every GPU entry there too.
+
+
+def _configs(entries):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bv, bk, w, s in entries]
+
+
+CONFIGS = {  # (kernel, fp32 inputs?) -> the launch configs
+    ("fwd", False): _configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
+    ("dlogits", False): _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
+    ("fwd", True): _configs([(64, 64, 32, 4, 2), (128, 64, 32, 8, 2)]),
+    ("dlogits", True): _configs([(64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)]),
+}
+INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_V": 1024, "BLOCK_K": 128}, num_warps=4, num_stages=1)
+_KERNELS = {"fwd": _lce_fwd, "dlogits": _lce_dlogits}
+_AUTOTUNE_KEYS = {"fwd": ["V", "C"], "dlogits": ["C"]}  # the dtype is part of Triton's own cache key
+_TUNED = {(name, fp32): triton.autotune(configs, key=_AUTOTUNE_KEYS[name])(_KERNELS[name])
+          for (name, fp32), configs in CONFIGS.items()}
+
+
+def _launch(name, dtype, config, grid, *args):
+    """Run kernel `name` with `config` when given; else autotuned over CONFIGS on a GPU, INTERPRETER_CONFIG on the
+    interpreter (where timing means nothing). `grid` takes the launch's meta-parameters."""
+    if config is None and not interpreting():
+        _TUNED[name, dtype == torch.float32][grid](*args)
+        return
+    config = config or INTERPRETER_CONFIG
+    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps,
+                                        num_stages=config.num_stages)
+
+
+def _num_splits(N, V, device):
+    """Vocabulary splits per row block: enough programs to fill the device when there are few row blocks (the
+    split results are merged on (N, splits) vectors). Fixed before the launch (it sizes the buffers), so it
+    assumes 128-row blocks."""
+    row_blocks = triton.cdiv(N, 128)
+    return max(1, min(16, triton.cdiv(num_programs_hint(device, per_sm=2), row_blocks), triton.cdiv(V, 1024)))
+
+
+def _forward(x, weight, targets, ignore_index, reduction, config=None, splits=None):
+    """(loss, lse): the loss as `reduction` asks (fp32), and each row's logsumexp (fp32, saved for backward)."""
+    N, C = x.shape
+    V = weight.shape[0]
+    splits = splits or _num_splits(N, V, x.device)
+    part_max = torch.empty((N, splits), dtype=torch.float32, device=x.device)
+    part_sum = torch.empty_like(part_max)
+    part_target = torch.empty_like(part_max)
+    if N > 0:
+        _launch("fwd", x.dtype, config, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits),
+                x, weight, targets, part_max, part_sum, part_target, x.stride(0), weight.stride(0), N, V, C)
+    row_max = part_max.max(dim=1).values
+    lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
+    counted = targets != ignore_index
+    in_range = (targets >= 0) & (targets < V)
+    row_loss = torch.where(counted, lse - part_target.sum(dim=1), 0.0)
+    row_loss = torch.where(counted & ~in_range, float("nan"), row_loss)  # a bad target: NaN, noticed by the caller
+    if reduction == "none":
+        return row_loss, lse
+    loss = row_loss.sum()
+    if reduction == "mean":
+        loss = loss / counted.sum().clamp_min(1)  # all rows ignored: 0, not 0/0
+    return loss, lse
+
+
+def _vocab_chunk(N, V, C):
+    """Columns of dlogits materialized at once: at most CHUNK_WEIGHTS * V * C elements and a quarter of the
+    vocabulary (so never the whole logits, however few the rows), a multiple of 256 columns."""
+    width = min((CHUNK_WEIGHTS * V * C) // max(N, 1), triton.cdiv(V, 4))
+    return min(V, max(256, width // 256 * 256))
+
+
+def _backward(grad, x, weight, targets, lse, ignore_index, reduction, config=None, chunk=None):
+    """(dx, dweight) for the upstream gradient `grad` of the loss (a scalar, or (N,) for reduction="none")."""
+    N, C = x.shape
+    V = weight.shape[0]
+    counted = targets != ignore_index
+    grad = grad.float()
+    if reduction == "mean":
+        grad = grad / counted.sum().clamp_min(1)
+    row_scale = torch.where(counted, grad.expand(N), 0.0).contiguous()
+    dweight = torch.empty_like(weight)
+    if N == 0:
+        return torch.zeros_like(x), dweight.zero_()
+    chunk = chunk or _vocab_chunk(N, V, C)
+    dl_buffer = torch.empty((N, chunk), dtype=x.dtype, device=x.device)
+    # dx sums over the chunks: in fp32 when there are several, directly in x's dtype when there is one
+    dx = torch.empty_like(x) if chunk >= V else torch.zeros((N, C), dtype=torch.float32, device=x.device)
+    for v_start in range(0, V, chunk):
+        v_end = min(v_start + chunk, V)
+        dl = dl_buffer[:, :v_end - v_start]
+        _launch("dlogits", x.dtype, config,
+                lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(v_end - v_start, meta["BLOCK_V"])),
+                x, weight, targets, lse, row_scale, dl, x.stride(0), weight.stride(0), dl.stride(0), N, C,
+                v_start, v_end)
+        torch.mm(dl.t(), x, out=dweight[v_start:v_end])  # every row of x is in this chunk: dW's rows are final
+        if chunk >= V:
+            torch.mm(dl, weight[v_start:v_end], out=dx)
+        elif dx.dtype == x.dtype:
+            dx.addmm_(dl, weight[v_start:v_end])
+        else:
+            dx += torch.mm(dl, weight[v_start:v_end])
+    return dx.to(x.dtype), dweight
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops: opaque to torch.compile (traced through their fake implementations), differentiable through
+# register_autograd. Their bodies run with autocast off: the public function has already chosen the dtypes.
+
+
+@torch.library.custom_op("nanogpt_kernels::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                                 reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        return _forward(x, weight, targets, ignore_index, reduction)
+
+
+@_linear_cross_entropy_fwd_op.register_fake
+def _(x, weight, targets, ignore_index, reduction):
+    N = x.shape[0]
+    loss = x.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, x.new_empty((N,), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanogpt_kernels::linear_cross_entropy_bwd", mutates_args=())
+def _linear_cross_entropy_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 lse: torch.Tensor, ignore_index: int,
+                                 reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward(grad, x, weight, targets, lse, ignore_index, reduction)
+
+
+@_linear_cross_entropy_bwd_op.register_fake
+def _(grad, x, weight, targets, lse, ignore_index, reduction):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, targets, ignore_index, reduction = inputs
+    _, lse = output
+    ctx.save_for_backward(x, weight, targets, lse)
+    ctx.ignore_index, ctx.reduction = ignore_index, reduction
+
+
+def _backward_autograd(ctx, grad, _dlse):
+    x, weight, targets, lse = ctx.saved_tensors
+    dx, dweight = _linear_cross_entropy_bwd_op(grad, x, weight, targets, lse, ctx.ignore_index, ctx.reduction)
+    return dx, dweight, None, None, None
+
+
+_linear_cross_entropy_fwd_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                         reduction: str = "mean") -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index, reduction=reduction), without the logits.
+
+    x: (..., C) float32/float16/bfloat16; weight: (V, C) of x's dtype; targets: int64 of x's leading shape.
+    Under autocast, x and weight are cast to the autocast dtype (as F.linear would). fp32 accumulation; the loss
+    is float32 (a scalar, or of targets' shape for reduction="none"). Rows whose target is ignore_index count
+    for nothing; "mean" divides by the counted rows and is 0 (with zero gradients) when there are none."""
+    name = "linear_cross_entropy"
+    for what, t in (("x", x), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {what} must be a tensor, got {type(t).__name__}")
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{name}: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match: expected "
+                         f"x (..., C) and weight (V, C)")
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"{name}: targets has shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])} "
+                         f"(x's shape without its last dimension)")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"{name}: targets has dtype {targets.dtype}; expected torch.int64 (call .long() on it)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction={reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    if weight.shape[0] == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: the vocabulary (V) and the width (C) must be at least 1")
+    check_float(name, "x", x)
+    check_float(name, "weight", weight)
+    check_device(name, x, weight, targets)
+    if torch.is_autocast_enabled(x.device.type):  # what F.linear does under autocast, done explicitly
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{name}: x is {x.dtype} but weight is {weight.dtype}: cast one of them (or use autocast)")
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        if bad.any():
+            raise ValueError(f"{name}: target {targets[bad][0].item()} is outside [0, {weight.shape[0]}) and is "
+                             f"not ignore_index={ignore_index}")
+    shape = targets.shape
+    x = x.reshape(-1, x.shape[-1])
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    loss = _linear_cross_entropy_fwd_op(x, weight, targets.reshape(-1).contiguous(), int(ignore_index),
+                                        reduction)[0]
+    return loss.view(shape) if reduction == "none" else loss
+
+
+def inspect_cases():
+    """What `python -m kernels.inspect` compiles (the contract is at the top of kernels/inspect.py): every shipped
+    config of both kernels, at GPT-2 124M's head (16K rows of width 768, vocabulary 50304)."""
+    from kernels.inspect import launch_case
+    N, C, V = 16 * 1024, 768, 50304
+    chunk = _vocab_chunk(N, V, C)
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    cases = []
+    for dtype in (torch.bfloat16, torch.float32):
+        problem = {"dtype": names[dtype], "width": C, "vocab": V, "rows": N}
+        fp32 = dtype == torch.float32
+        for config in CONFIGS["fwd", fp32]:
+            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            cases.append(launch_case("linear_cross_entropy_fwd", _lce_fwd, launch, problem, dict(
+                X=dtype, W=dtype, Targets=torch.int64, PartMax=torch.float32, PartSum=torch.float32,
+                PartTarget=torch.float32, stride_xm=C, stride_wv=C, N=N, V=V, C=C)))
+        for config in CONFIGS["dlogits", fp32]:
+            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            cases.append(launch_case("linear_cross_entropy_dlogits", _lce_dlogits, launch, problem, dict(
+                X=dtype, W=dtype, Targets=torch.int64, LSE=torch.float32, RowScale=torch.float32, DL=dtype,
+                stride_xm=C, stride_wv=C, stride_dl=chunk, N=N, C=C, v_start=chunk, v_end=2 * chunk)))
+    return cases

@@ -1,0 +1,224 @@
+"""kernels.linear_cross_entropy against F.cross_entropy(x @ W^T) in float64: loss, dx, dW.
+
+Awkward shapes (V no multiple of any block, N = 1, rows past a block), ignored rows, all rows ignored, large
+logits, every shipped launch config, several vocabulary splits and backward chunks; the custom op's opcheck,
+torch.compile(fullgraph=True), autocast, and the GPT with attn=triton against naive.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import DEVICE
+from kernels import linear_cross_entropy
+from kernels.linear_cross_entropy import CONFIGS, _backward, _forward, _linear_cross_entropy_fwd_op
+from kernels.testing import relative_error, tolerance
+
+# The issue's bar: fp32 within 1e-5 (fp32 products, "ieee" dots: as tight as a pointwise kernel), fp16 within 1e-2
+# (its dlogits are rounded to fp16 before the two gradient GEMMs, like any fp16 matmul).
+TOLERANCE = {torch.float32: tolerance(torch.float32, "pointwise"), torch.float16: tolerance(torch.float16, "matmul")}
+INTERPRETED = DEVICE == "cpu"
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+              INTERPRETED, reason="Triton's interpreter cannot run tl.dot on bfloat16 (triton #11584): GPU only"))]
+if not INTERPRETED:
+    TOLERANCE[torch.bfloat16] = tolerance(torch.bfloat16, "matmul")
+
+
+def make_inputs(N, C, V, dtype, scale=1.0, ignored=(), seed=0):
+    """x, W with logits of standard deviation about `scale`; targets with the rows in `ignored` set to -1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64)
+    w = torch.randn(V, C, generator=g, dtype=torch.float64) * (scale / C ** 0.5)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[list(ignored)] = -1
+    return x.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE), targets.to(DEVICE)
+
+
+def reference(x, w, targets, reduction="mean", grad=None):
+    """loss, dx, dW of F.cross_entropy(x @ w^T) in float64, from the same (rounded) inputs."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    loss = F.cross_entropy(x64 @ w64.t(), targets, ignore_index=-1, reduction=reduction)
+    loss.backward(grad.double() if grad is not None else None)
+    return loss.detach(), x64.grad, w64.grad
+
+
+def check(actual, expected, tol, what):
+    err = relative_error(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("N,C,V,scale,ignored", [
+    (1, 32, 1003, 1.0, ()),                  # one row; V no multiple of any block
+    (37, 80, 1003, 1.0, (0, 5, 36)),         # ignored rows, C no multiple of BLOCK_K
+    (150, 48, 517, 30.0, (3, 149)),          # large logits; rows past a 128-row block
+], ids=["N1", "ignored", "scale30"])
+def test_matches_float64_reference(N, C, V, scale, ignored, reduction, dtype):
+    x, w, targets = make_inputs(N, C, V, dtype, scale, ignored)
+    x.requires_grad_()
+    w.requires_grad_()
+    grad = torch.randn(N, dtype=torch.float32, device=DEVICE) if reduction == "none" else None
+    loss = linear_cross_entropy(x, w, targets, reduction=reduction)
+    loss.backward(grad)
+    loss_ref, dx_ref, dw_ref = reference(x, w, targets, reduction, grad)
+    tol = TOLERANCE[dtype]
+    assert loss.dtype == torch.float32 and loss.shape == loss_ref.shape
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
+    check(loss, loss_ref, tol, "loss")
+    check(x.grad, dx_ref, tol, "dx")
+    check(w.grad, dw_ref, tol, "dW")
+    if ignored:
+        assert (x.grad[list(ignored)] == 0).all()
+
+
+def _config_cases():
+    for dtype in (torch.float32, torch.float16):
+        fp32 = dtype == torch.float32
+        for index in range(max(len(CONFIGS["fwd", fp32]), len(CONFIGS["dlogits", fp32]))):
+            yield pytest.param(dtype, index, id=f"{str(dtype)[6:]}-{index}")
+
+
+@pytest.mark.parametrize("dtype,index", list(_config_cases()))
+def test_every_shipped_config(dtype, index):
+    """Each launch config of both kernels for this dtype (as the GPU's autotuner may pick it), with 3 vocabulary
+    splits in the forward and 256-column chunks in the backward (dx summed over 4 chunks, the last one partial)."""
+    fwd_configs, dlogits_configs = CONFIGS["fwd", dtype == torch.float32], CONFIGS["dlogits", dtype == torch.float32]
+    fwd_config = fwd_configs[index % len(fwd_configs)]
+    dlogits_config = dlogits_configs[index % len(dlogits_configs)]
+    x, w, targets = make_inputs(131, 72, 1003, dtype, 5.0, ignored=(7, 130))
+    loss, lse = _forward(x, w, targets, -1, "sum", config=fwd_config, splits=3)
+    grad = torch.tensor(0.7, device=DEVICE)
+    dx, dw = _backward(grad, x, w, targets, lse, -1, "sum", config=dlogits_config, chunk=256)
+    loss_ref, dx_ref, dw_ref = reference(x, w, targets, "sum", grad)
+    tol = TOLERANCE[dtype]
+    check(loss, loss_ref, tol, "loss")
+    check(dx, dx_ref, tol, "dx")
+    check(dw, dw_ref, tol, "dW")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_gives_zero_not_nan(reduction):
+    x, w, targets = make_inputs(9, 32, 300, torch.float32, ignored=range(9))
+    x.requires_grad_()
+    w.requires_grad_()
+    loss = linear_cross_entropy(x, w, targets, reduction=reduction)
+    loss.sum().backward()
+    assert (loss == 0).all()
+    assert (x.grad == 0).all() and (w.grad == 0).all()
+
+
+def test_other_ignore_index_and_leading_dims():
+    """A (B, T, C) input with (B, T) targets, and ignore_index a valid class id (as the row's target)."""
+    x, w, targets = make_inputs(24, 32, 300, torch.float32)
+    targets[[1, 2]] = 7
+    loss = linear_cross_entropy(x.view(4, 6, 32), w, targets.view(4, 6), ignore_index=7)
+    expected = F.cross_entropy(x.double() @ w.double().t(), targets, ignore_index=7)
+    check(loss, expected, TOLERANCE[torch.float32], "loss")
+    rows = linear_cross_entropy(x.view(4, 6, 32), w, targets.view(4, 6), ignore_index=7, reduction="none")
+    assert rows.shape == (4, 6) and rows.view(-1)[1] == 0
+
+
+def test_autocast_casts_x_and_weight_like_f_linear():
+    """Under autocast, fp32 x and weight are cast to the autocast dtype (fp16 here: the interpreter's dots run it),
+    the loss matches F.cross_entropy(F.linear) under the same autocast, and the gradients come back in fp32."""
+    x, w, targets = make_inputs(20, 48, 300, torch.float32, ignored=(4,))
+    x.requires_grad_()
+    w.requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        loss = linear_cross_entropy(x, w, targets)
+    loss.backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    loss_ref, dx_ref, dw_ref = reference(x.half(), w.half(), targets)
+    tol = TOLERANCE[torch.float16]
+    check(loss, loss_ref, tol, "loss")
+    check(x.grad, dx_ref, tol, "dx")
+    check(w.grad, dw_ref, tol, "dW")
+
+
+def test_out_of_range_target():
+    x, w, targets = make_inputs(5, 16, 40, torch.float32)
+    targets[2] = 40
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: target 40 is outside \[0, 40\) and is not "
+                                         r"ignore_index=-1"):
+        linear_cross_entropy(x, w, targets)
+    # where no eager check runs (a GPU, or compiled), the row's loss is NaN: the trainer stops on it
+    loss, _ = _forward(x, w, targets, -1, "none")
+    assert loss[2].isnan() and loss[[0, 1, 3, 4]].isfinite().all()
+
+
+def test_bad_input_errors():
+    x, w, targets = make_inputs(4, 16, 40, torch.float32)
+    with pytest.raises(ValueError, match=r"x \(4, 16\) and weight \(40, 8\) do not match"):
+        linear_cross_entropy(x, w[:, :8], targets)
+    with pytest.raises(ValueError, match=r"targets has shape \(3,\), expected \(4,\)"):
+        linear_cross_entropy(x, w, targets[:3])
+    with pytest.raises(TypeError, match="targets has dtype torch.int32; expected torch.int64"):
+        linear_cross_entropy(x, w, targets.int())
+    with pytest.raises(ValueError, match="reduction='avg'; choose one of mean, sum, none"):
+        linear_cross_entropy(x, w, targets, reduction="avg")
+    with pytest.raises(TypeError, match="x is torch.float32 but weight is torch.float16"):
+        linear_cross_entropy(x, w.half(), targets)
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        linear_cross_entropy(x.long(), w, targets)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(reduction):
+    x, w, targets = make_inputs(19, 32, 300, torch.float32, ignored=(3,))
+    torch.library.opcheck(_linear_cross_entropy_fwd_op,
+                          (x.requires_grad_(), w.requires_grad_(), targets, -1, reduction))
+
+
+class TinyHead(nn.Module):
+    def __init__(self, C=32, V=300):
+        super().__init__()
+        self.proj = nn.Linear(C, C)
+        self.head = nn.Linear(C, V, bias=False)
+
+    def forward(self, x, targets):
+        return linear_cross_entropy(torch.tanh(self.proj(x)), self.head.weight, targets)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = TinyHead().to(DEVICE)
+    x = torch.randn(2, 12, 32, device=DEVICE)
+    targets = torch.randint(0, 300, (2, 12), device=DEVICE)
+    targets[0, :3] = -1
+    eager = model(x, targets)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
+    for g, ge in zip(grads, eager_grads):
+        torch.testing.assert_close(g, ge, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["all-counted", "ignored-rows"])
+def test_gpt_with_triton_loss_head_matches_naive(ignored):
+    """The whole GPT with attn=triton (fused loss head, no logits) against naive: loss and every gradient, fp32."""
+    from nanogpt.model import GPT, GPTConfig
+    cfg = dict(block_size=16, vocab_size=1003, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    torch.manual_seed(0)
+    naive = GPT(GPTConfig(**cfg, attn="naive")).to(DEVICE)
+    fused = GPT(GPTConfig(**cfg, attn="triton")).to(DEVICE)
+    fused.load_state_dict(naive.state_dict())
+    idx = torch.randint(0, 1003, (2, 16), device=DEVICE)
+    targets = torch.randint(0, 1003, (2, 16), device=DEVICE)
+    if ignored:
+        targets[1, 5:] = -1
+    logits_n, loss_n = naive(idx, targets)
+    logits_f, loss_f = fused(idx, targets)
+    assert logits_n.shape == (2, 16, 1003) and logits_f is None  # the fused head never builds the logits
+    loss_n.backward()
+    loss_f.backward()
+    tol = TOLERANCE[torch.float32]
+    check(loss_f, loss_n, tol, "loss")
+    grads_n = dict(naive.named_parameters())
+    for name, p in fused.named_parameters():
+        check(p.grad, grads_n[name].grad, tol, name)
