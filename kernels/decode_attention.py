@@ -33,9 +33,11 @@ from kernels._common import check_device, check_float, num_programs_hint
 MAX_QUERIES = 16  # new queries per call (speculative / multi-token decoding); 1 for plain sampling
 MAX_HEAD_DIM = 256
 # elements of the (BLOCK_M, BLOCK_N, BLOCK_D) product tile a program holds: ~32 fp32 registers per thread at
-# 4 warps (8192 at Tq=1, D=64 reached 255 registers and spilled on sm_90; checked with `python -m kernels.inspect`)
+# 4 warps (8192 at Tq=1, D=64 reached 255 registers and spilled on sm_90; checked with `python -m kernels.inspect`).
+# Many queries shrink BLOCK_N down to 4 rather than grow the tile: 8-warp tiles of 8 and 16 queries spilled 8-16 B
+# on sm_80 and sm_90 (`python -m kernels.inspect --arch sm_80 --kernel decode_attention_split`).
 TILE_ELEMENTS = 4096
-MIN_BLOCK_N, MAX_BLOCK_N = 16, 128
+MIN_BLOCK_N, MAX_BLOCK_N = 4, 128
 
 
 @triton.jit

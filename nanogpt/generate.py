@@ -122,3 +122,13 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     if stats is not None:
         stats.update(counts)
     return idx
+
+
+def bytes_read(model, stats, batch_size):
+    """Bytes a generate() run had to read, from its stats: the weights once per model call, and per decode step
+    the keys and values of the valid cache positions (a prefill's activations are not counted)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = model.config
+    elem = model.kv_cache.layers[0].k.element_size() if model.kv_cache is not None else 0
+    kv_bytes_per_position = 2 * c.n_layer * c.n_embd * elem * batch_size  # keys and values, all heads
+    return weight_bytes * stats["calls"] + kv_bytes_per_position * stats["cache_positions_read"]

@@ -12,7 +12,7 @@ from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import SampleConfig
 from nanogpt.data import dataset_dir, gpt2_encoding, load_meta
 from nanogpt.errors import ConfigError
-from nanogpt.generate import generate
+from nanogpt.generate import bytes_read, generate
 from nanogpt.loading import model_from_checkpoint, model_from_pretrained
 from nanogpt.runtime import setup_runtime
 
@@ -99,16 +99,6 @@ def run_sample(cfg, out=print):
                  f"({roofline:,.0f} GB/s)")
     out(line)
     return samples
-
-
-def bytes_read(model, stats, batch_size):
-    """Bytes a generate() run had to read, from its stats: the weights once per model call, and per decode step
-    the keys and values of the valid cache positions (a prefill's activations are not counted)."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    c = model.config
-    elem = model.kv_cache.layers[0].k.element_size() if model.kv_cache is not None else 0
-    kv_bytes_per_position = 2 * c.n_layer * c.n_embd * elem * batch_size  # keys and values, all heads
-    return weight_bytes * stats["calls"] + kv_bytes_per_position * stats["cache_positions_read"]
 
 
 def copy_bandwidth(device, nbytes=2**28, reps=10):
