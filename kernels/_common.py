@@ -39,3 +39,19 @@ def num_programs_hint(device: torch.device, per_sm: int = 4) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
     return 4
+
+
+def check_qkv(name: str, q, k, v, kv_shape: str) -> None:
+    """q, k, v: 4-d (B, H, T, D) float tensors of one dtype, k and v of one shape with q's B, H and D.
+    `kv_shape` says in the error what k and v must be, e.g. "(B, H, Tk, D) with q's B, H and D"."""
+    for what, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: {what} must be a 4-d tensor (B, H, T, D), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        check_float(name, what, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, _, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"{name}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (k and v {kv_shape})")

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, interpreting
+from kernels._common import check_device, check_qkv, interpreting
 
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
 # fp32 inputs are multiplied in full fp32 ("ieee"), not TF32, so float32 matches the reference to 1e-4;
@@ -607,17 +607,8 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, causal, dropout_p, scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"attention: {name} must be a 4-d tensor (B, H, T, D), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        check_float("attention", name, t)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv("attention", q, k, v, "must be (B, H, Tk, D) with q's B, H and D")
     B, H, Tq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"attention: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} (k and v must be (B, H, Tk, D) with q's B, H and D)")
     if D not in HEAD_DIMS:
         raise ValueError(f"attention: head dim {D} is not supported; supported: "
                          f"{', '.join(map(str, HEAD_DIMS))}")

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, num_programs_hint
+from kernels._common import check_device, check_qkv, num_programs_hint
 
 MAX_QUERIES = 16  # new queries per call (speculative / multi-token decoding); 1 for plain sampling
 MAX_HEAD_DIM = 256
@@ -225,17 +225,8 @@ _decode_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, lengths):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"decode_attention: {name} must be a 4-d tensor (B, H, T, D), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        check_float("decode_attention", name, t)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"decode_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv("decode_attention", q, k, v, "are the cache, (B, H, Tmax, D) with q's B, H and D")
     B, H, Tq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"decode_attention: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} (k and v are the cache, (B, H, Tmax, D) with q's B, H and D)")
     if not 1 <= Tq <= MAX_QUERIES:
         raise ValueError(f"decode_attention: {Tq} new queries; supported: 1 to {MAX_QUERIES} (run a longer "
                          f"chunk as a prefill with kernels.attention)")

@@ -9,12 +9,11 @@ so `launch_config` is made to answer as on a GPU, at widths that fall in each bl
 """
 import functools
 import importlib
-import math
 
 import pytest
 import torch
 
-from helpers import DEVICE
+from helpers import DEVICE, attention_reference
 from kernels.testing import REDUCTION_FACTOR, relative_error, tolerance
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is also the function
@@ -59,18 +58,6 @@ def _problems(kernel, config, block_d, dtype):
     return problems
 
 
-def _reference(q, k, v, causal, keep=None, dropout_p=0.0):
-    q, k, v = q.double(), k.double(), v.double()
-    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if causal:
-        T = q.shape[-2]
-        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if keep is not None:
-        p = p * keep / (1.0 - dropout_p)
-    return p @ v
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernel, config, block_d", _attention_cases())
 def test_attention_config(kernel, config, block_d, dtype):
@@ -87,7 +74,7 @@ def test_attention_config(kernel, config, block_d, dtype):
             grads = torch.autograd.grad(o, (q, k, v), do)
         keep = (attention_module.dropout_mask(1, 2, Tq, Tk, dropout_p, seed, device=DEVICE) if dropout_p
                 else None)
-        o_ref = _reference(q, k, v, causal, keep, dropout_p)
+        o_ref = attention_reference(q, k, v, causal, keep=keep, dropout_p=dropout_p)
         grads_ref = torch.autograd.grad(o_ref, (q, k, v), do.double())
         tol = tolerance(dtype, "matmul")
         what = f"{kernel} {_config_id(config)} Tq={Tq} Tk={Tk} causal={causal} dropout={dropout_p}"
@@ -106,7 +93,7 @@ def test_forced_configs_reach_the_launch():
     with pytest.raises(Exception, match="power of 2|power of two"):
         with attention_module.forced_configs(fwd=bad):
             attention_module.attention(q, q, q)
-    torch.testing.assert_close(attention_module.attention(q, q, q), _reference(q, q, q, True).to(q.dtype))
+    torch.testing.assert_close(attention_module.attention(q, q, q), attention_reference(q, q, q, True).to(q.dtype))
     with pytest.raises(ValueError, match="unknown kernel"):
         with attention_module.forced_configs(dq=bad):
             pass
