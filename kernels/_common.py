@@ -55,3 +55,11 @@ def check_qkv(name: str, q, k, v, kv_shape: str) -> None:
     if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
         raise ValueError(f"{name}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)} (k and v {kv_shape})")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype torch.autocast computes matmuls in on this device, or None when autocast is off there. Read in the
+    Python wrappers, outside the custom ops, so compiled graphs guard on it."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None

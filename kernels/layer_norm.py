@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, interpreting, num_programs_hint
+from kernels._common import autocast_dtype, check_device, check_float, interpreting, num_programs_hint
 
 
 @triton.jit
@@ -275,10 +275,7 @@ _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _output_dtype(x: torch.Tensor) -> torch.dtype | None:
     """Under torch.autocast, the autocast dtype: the LayerNorm output feeds a matmul that would cast it to that
     dtype anyway, so writing it there saves a pass over memory. None (the input's dtype) otherwise."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
+    return autocast_dtype(x.device)
 
 
 def _check(name, x, weight, bias, residual=None):

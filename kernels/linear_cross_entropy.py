@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, interpreting, num_programs_hint
+from kernels._common import autocast_dtype, check_device, check_float, interpreting, num_programs_hint
 
 # fp32 inputs multiply in full fp32 ("ieee"), not TF32, so float32 matches the reference to 1e-5
 PRECISION: tl.constexpr = tl.constexpr("ieee")
@@ -302,8 +302,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     check_float(name, "x", x)
     check_float(name, "weight", weight)
     check_device(name, x, weight, targets)
-    if torch.is_autocast_enabled(x.device.type):  # what F.linear does under autocast, done explicitly
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device)
+    if dtype is not None:  # what F.linear does under autocast, done explicitly
         x, weight = x.to(dtype), weight.to(dtype)
     if x.dtype != weight.dtype:
         raise TypeError(f"{name}: x is {x.dtype} but weight is {weight.dtype}: cast one of them (or use autocast)")
