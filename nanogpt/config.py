@@ -18,6 +18,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from nanogpt.backends import available_backends, check_backend_name
 from nanogpt.data import dataset_dir
 from nanogpt.errors import ConfigError, UserError
+from nanogpt.generate import CONTEXT_MODES
 from nanogpt.model import GPTConfig
 from nanogpt.pretrained import HUB_NAMES, check_block_size, is_pretrained_source
 from nanogpt.runtime import check_runtime
@@ -274,7 +275,7 @@ def validate_sample(cfg: SampleConfig):
     _positive(cfg, "top_k", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]")
-    if cfg.context not in ("slide", "shift"):
+    if cfg.context not in CONTEXT_MODES:
         raise ConfigError(f"context={cfg.context!r}: choose slide (exact, slow past block_size) or shift (fast)")
     if cfg.attn:
         check_backend_name(cfg.attn)
