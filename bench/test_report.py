@@ -1,11 +1,12 @@
 """The timed JSON carries every derived figure; the report renders it; `python -m bench` runs one config."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from kernels._common import interpreting
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,7 @@ def test_json_has_the_derived_figures(results):
             assert info.get(key) is not None, (row["name"], key)
         assert info["gbps"] > 0 and 0 < info["roofline_fraction"] < 10
     triton_rows = [r for r in timed if r["extra_info"]["backend"] == "triton"]
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         assert not triton_rows  # interpreted: never timed...
         assert {r["extra_info"]["backend"] for r in data["untimed"]} == {"triton"}  # ...but listed, checked
 

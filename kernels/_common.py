@@ -1,14 +1,33 @@
-"""What every kernel wrapper shares: where Triton can run, and input checks with clear messages."""
+"""What every kernel module shares: where Triton runs, input checks with clear messages, the launch heuristics and
+constants of more than one kernel, and the launch-case helper that `python -m kernels.inspect` compiles from.
+
+A leaf: it imports no other module of the project, so the kernel modules and kernels.inspect both import it at
+the top (inspect loads the kernel modules by name; a kernel importing inspect back would close a cycle)."""
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Triton's short name of each dtype: a pointer argument's signature ("*bf16") and the inspection rows' "dtype"
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
+               torch.int32: "i32", torch.int64: "i64"}
+
+# fp32 inputs are multiplied in full fp32 ("ieee"), not TF32, so float32 matches the references (attention to 1e-4,
+# the loss head to 1e-5); fp16/bf16 dots run on tensor cores whatever this says
+PRECISION: tl.constexpr = tl.constexpr("ieee")
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): softmaxes run in base 2
+
+# the values of TRITON_INTERPRET that Triton reads as on (its getenv_bool: case-insensitive, no spaces)
+_TRUE = ("1", "true", "yes", "on", "y")
+
 
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, set before import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels through its CPU interpreter: TRITON_INTERPRET set (before triton is imported) to
+    a value Triton reads as on. The one place this is decided: the kernels, kernels.inspect and the configs ask here."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
 
 
 def check_device(name: str, *tensors) -> None:
@@ -63,3 +82,53 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
+
+
+# ------------------------------------------------------------------------------------------------ launch heuristics
+
+
+def block_d_of(D: int) -> int:
+    """BLOCK_D for head dim D: the next power of two (tl.arange needs one), at least 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def warps_for(elements: int) -> int:
+    """num_warps for a program holding `elements` elements per tensor: 8 per thread (16-byte accesses in half
+    precision), 256 per warp, between 1 and 16 warps."""
+    return min(max(elements // 256, 1), 16)
+
+
+# ------------------------------------------------------------------------------------------------ inspection cases
+
+
+def launch_case(kernel, fn, config, problem, args):
+    """One `python -m kernels.inspect` case (the contract is at the top of kernels/inspect.py) from the arguments a
+    launcher passes `fn` (every parameter, by name): torch dtypes stand for tensors, ints and floats for scalars,
+    and constexpr parameters take their values; `config` holds the meta-parameters (BLOCK_M, ...) and
+    num_warps/num_stages (extra keys, such as a list's own bookkeeping, are ignored unless they name a parameter of
+    fn). Integer values are kept, so the inspection specializes them as Triton's JIT does at launch."""
+    meta = {k: v for k, v in config.items() if k in fn.arg_names}
+    args = {**args, **meta}
+    missing = [p for p in fn.arg_names if p not in args]
+    if missing:
+        raise ValueError(f"{kernel}: inspect case lacks argument(s) {', '.join(missing)}")
+    signature, constexprs, values = {}, {}, {}
+    for param in fn.params:
+        value = args[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.dtype):  # a pointer to it
+            signature[param.name] = "*" + DTYPE_NAMES[value]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            values[param.name] = value
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel}: cannot describe argument {param.name}={value!r}")
+    launch = {k: v for k, v in config.items() if k in meta or k in ("num_warps", "num_stages")}
+    return {"kernel": kernel, "fn": fn, "signature": signature, "constexprs": constexprs, "config": launch,
+            "problem": dict(problem), "values": values}

@@ -35,13 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_qkv, interpreting
+from kernels._common import (DTYPE_NAMES, LOG2E, PRECISION, block_d_of, check_device, check_qkv, interpreting,
+                             launch_case)
 
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
-# fp32 inputs are multiplied in full fp32 ("ieee"), not TF32, so float32 matches the reference to 1e-4;
-# fp16/bf16 inputs are unaffected by this setting
-PRECISION: tl.constexpr = tl.constexpr("ieee")
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,10 +412,6 @@ _check_block_shapes("fwd", FWD_CONFIGS + [INTERPRETER_FWD_CONFIG])
 _check_block_shapes("bwd", BWD_CONFIGS + [INTERPRETER_BWD_CONFIG])
 
 
-def _block_d(D):
-    return max(16, triton.next_power_of_2(D))
-
-
 def configs_for(configs, block_d, dropout=False, arch="sm_90"):
     """The entries of a config list shipped for this BLOCK_D, with or without dropout, on `arch` ("sm_90": Hopper
     and later, "sm_80": earlier GPUs): what the autotuner may choose on a GPU."""
@@ -545,7 +538,7 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     _attn_fwd_tuned[grid](q, k, v, o, lse, seed, scale, dropout_p,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                           H, Tq, Tk, _t_bucket(Tq, Tk), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
-                          USE_TMA=_use_tma(q, k, v, o), HEAD_DIM=D, BLOCK_D=_block_d(D))
+                          USE_TMA=_use_tma(q, k, v, o), HEAD_DIM=D, BLOCK_D=block_d_of(D))
     return o, lse, seed
 
 
@@ -568,7 +561,7 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    block_d = _block_d(D)
+    block_d = block_d_of(D)
     pre = PREPROCESS_CONFIG
     _attn_bwd_preprocess[(triton.cdiv(Tq, pre["BLOCK_M"]), B * H)](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq, HEAD_DIM=D, BLOCK_M=pre["BLOCK_M"],
@@ -668,15 +661,13 @@ INSPECT_PROBLEMS = [(torch.bfloat16, d, causal, dropout) for d in (64, 128) for 
                     for dropout in (False, True)]
 INSPECT_PROBLEMS += [(torch.bfloat16, 96, True, False), (torch.float16, 64, True, False),
                      (torch.float16, 128, True, True)]
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def inspect_cases(problems=None, arch="sm_90"):
     """Every attention kernel x every launch config it can pick on a GPU x representative problems: GPT-2 124M's
     call (B=16, H=12, T=1024, q/k/v the (B, T, H, D).transpose(1, 2) views of c_attn's output), with the load
     path the launch picks on `arch` (TMA descriptors on sm_90, pointers on sm_80)."""
-    from kernels.inspect import ARCHS, launch_case
-    use_tma = ARCHS[arch]["capability"] >= 90
+    use_tma = int(arch.removeprefix("sm_")) >= 90  # as _use_tma decides on a GPU: TMA from Hopper (sm_90) on
     B, H, T = 16, 12, 1024
     cases = []
     for dtype, D, causal, dropout in problems or INSPECT_PROBLEMS:
@@ -684,8 +675,8 @@ def inspect_cases(problems=None, arch="sm_90"):
         qkv = (T * 3 * C, D, 3 * C)      # strides (b, h, t) of the c_attn views
         dense = (H * T * D, T * D, D)    # a contiguous (B, H, T, D) tensor: o, dq, dk, dv
         do = (T * C, D, C)               # the gradient of y.transpose(1, 2), as the model's backward hands it
-        problem = {"dtype": _DTYPE_NAMES[dtype], "head_dim": D, "causal": causal, "dropout": dropout}
-        block_d = _block_d(D)
+        problem = {"dtype": DTYPE_NAMES[dtype], "head_dim": D, "causal": causal, "dropout": dropout}
+        block_d = block_d_of(D)
         common = dict(Seed=torch.int64, sm_scale=D ** -0.5, dropout_p=0.1 if dropout else 0.0)
         flags = dict(CAUSAL=causal, DROPOUT=dropout, USE_TMA=use_tma, HEAD_DIM=D, BLOCK_D=block_d)
         sizes = dict(H=H, Tq=T, Tk=T, T_BUCKET=_t_bucket(T, T))

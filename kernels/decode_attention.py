@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_qkv, num_programs_hint
+from kernels._common import DTYPE_NAMES, LOG2E, block_d_of, check_device, check_qkv, launch_case, num_programs_hint
 
 MAX_QUERIES = 16  # new queries per call (speculative / multi-token decoding); 1 for plain sampling
 MAX_HEAD_DIM = 256
@@ -56,7 +56,7 @@ def _decode_split_kernel(Q, K, V, Lengths, O_part, LSE_part, sm_scale,
     q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=q_mask, other=0.0).to(tl.float32)
-    q = q * (sm_scale * 1.4426950408889634)  # scores in log2 units: exp(x) = exp2(x * log2(e))
+    q = q * (sm_scale * LOG2E)  # scores in log2 units: exp(x) = exp2(x * log2(e))
 
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -130,13 +130,9 @@ def _block_m(Tq):
     return triton.next_power_of_2(Tq)
 
 
-def _block_d(D):
-    return max(16, triton.next_power_of_2(D))
-
-
 def launch_config(Tq: int, D: int) -> dict:
     """Block sizes and warps of the split kernel for Tq new queries of head dim D."""
-    block_m, block_d = _block_m(Tq), _block_d(D)
+    block_m, block_d = _block_m(Tq), block_d_of(D)
     block_n = min(MAX_BLOCK_N, max(MIN_BLOCK_N, TILE_ELEMENTS // (block_m * block_d)))
     num_warps = 4 if block_m * block_n * block_d <= TILE_ELEMENTS else 8
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 2}
@@ -158,8 +154,16 @@ COMBINE_NUM_WARPS = 4
 def num_splits_for(B: int, H: int, Tmax: int, block_n: int, device: torch.device) -> int:
     """Enough programs to fill the device (a few per SM), never more splits than key blocks. Static shapes
     only: the same number every step, whatever the lengths."""
-    target = num_programs_hint(device, per_sm=4)
-    return max(1, min(triton.cdiv(Tmax, block_n), triton.cdiv(target, B * H)))
+    return _num_splits(B, H, Tmax, block_n, num_programs_hint(device, per_sm=4))
+
+
+def _num_splits(B, H, Tmax, block_n, programs):
+    return max(1, min(triton.cdiv(Tmax, block_n), triton.cdiv(programs, B * H)))
+
+
+def _chunk(Tmax, num_splits, block_n):
+    """Keys per split: a whole number of key blocks."""
+    return triton.cdiv(triton.cdiv(Tmax, num_splits), block_n) * block_n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leng
     B, H, Tq, D = q.shape
     Tmax = k.shape[2]
     cfg = launch_config(Tq, D)
-    chunk = triton.cdiv(triton.cdiv(Tmax, num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    chunk = _chunk(Tmax, num_splits, cfg["BLOCK_N"])
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     o_part = torch.empty((B * H, num_splits, Tq, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B * H, num_splits, Tq), dtype=torch.float32, device=q.device)
@@ -268,37 +272,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
 # for `python -m kernels.inspect`: what to compile for a GPU target, from the same config function as the launch
 
 
-def inspect_cases() -> list[dict]:
+def inspect_cases(B=16, H=12, Tmax=1024, sms=132) -> list[dict]:
+    """Both kernels x every shipped config at GPT-2's head dims, with the arguments the launcher passes: B rows of
+    a (B, H, Tmax, D) cache, the new queries the (B, Tq, H, D).transpose(1, 2) views of c_attn's output, the
+    splits that fill `sms` SMs."""
     cases = []
-    for dtype in ("bf16", "fp16", "fp32"):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for tq, d, cfg in shipped_configs():
-            if d not in (64, 128) or (dtype != "bf16" and tq != 1):
+            if d not in (64, 128) or (dtype != torch.bfloat16 and tq != 1):
                 continue  # GPT-2's head dims; every Tq bucket in bf16, the other dtypes at Tq = 1
-            ptr = f"*{dtype}"
-            cases.append({
-                "kernel": "decode_attention_split",
-                "fn": _decode_split_kernel,
-                "signature": {"Q": ptr, "K": ptr, "V": ptr, "Lengths": "*i32", "O_part": "*fp32",
-                              "LSE_part": "*fp32", "sm_scale": "fp32",
-                              **{s: "i32" for s in ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh",
-                                                    "stride_kn", "stride_vb", "stride_vh", "stride_vn")},
-                              "H": "i32", "Tq": "i32", "D": "i32", "chunk": "i32", "num_splits": "i32",
-                              "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
-                "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]},
-                "config": dict(cfg),
-                "problem": {"dtype": dtype, "head_dim": d, "queries": tq},
-            })
-            if tq == 1 or dtype == "bf16":
-                cases.append({
-                    "kernel": "decode_attention_combine",
-                    "fn": _decode_combine_kernel,
-                    "signature": {"O_part": "*fp32", "LSE_part": "*fp32", "O": ptr, "stride_ob": "i32",
-                                  "stride_oh": "i32", "stride_om": "i32", "H": "i32", "Tq": "i32", "D": "i32",
-                                  "num_splits": "i32", "BLOCK_M": "constexpr", "BLOCK_S": "constexpr",
-                                  "BLOCK_D": "constexpr"},
-                    "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_S": COMBINE_BLOCK_S, "BLOCK_D": cfg["BLOCK_D"]},
-                    "config": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_S": COMBINE_BLOCK_S, "BLOCK_D": cfg["BLOCK_D"],
-                               "num_warps": COMBINE_NUM_WARPS, "num_stages": 1},
-                    "problem": {"dtype": dtype, "head_dim": d, "queries": tq},
-                })
+            problem = {"dtype": DTYPE_NAMES[dtype], "head_dim": d, "queries": tq}
+            C = H * d
+            num_splits = _num_splits(B, H, Tmax, cfg["BLOCK_N"], sms * 4)
+            sizes = dict(H=H, Tq=tq, D=d, num_splits=num_splits)
+            cases.append(launch_case("decode_attention_split", _decode_split_kernel, cfg, problem, dict(
+                Q=dtype, K=dtype, V=dtype, Lengths=torch.int32, O_part=torch.float32, LSE_part=torch.float32,
+                sm_scale=d ** -0.5, stride_qb=tq * 3 * C, stride_qh=d, stride_qm=3 * C,
+                stride_kb=H * Tmax * d, stride_kh=Tmax * d, stride_kn=d, stride_vb=H * Tmax * d, stride_vh=Tmax * d,
+                stride_vn=d, chunk=_chunk(Tmax, num_splits, cfg["BLOCK_N"]), **sizes)))
+            combine = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"],
+                           num_warps=COMBINE_NUM_WARPS, num_stages=1)
+            cases.append(launch_case("decode_attention_combine", _decode_combine_kernel, combine, problem, dict(
+                O_part=torch.float32, LSE_part=torch.float32, O=dtype, stride_ob=H * tq * d, stride_oh=tq * d,
+                stride_om=d, **sizes)))
     return cases

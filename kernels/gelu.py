@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, check_float, interpreting, num_programs_hint
+from kernels._common import (DTYPE_NAMES, check_device, check_float, interpreting, launch_case, num_programs_hint,
+                             warps_for)
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -97,19 +98,15 @@ def _block(N: int, interpreter: bool) -> tuple[int, int]:
     return max(1, budget // block_n), block_n
 
 
-def _warps(block_m: int, block_n: int) -> int:
-    # 8 elements per thread: 16-byte accesses in half precision. At 16 (4K-element tiles) the backward needed
-    # 100-110 registers (2 CTAs of 8 warps per SM on sm_90); at 8 it needs 48-63 and the forward ~31 (full occupancy)
-    return min(max(block_m * block_n // 256, 1), 16)
-
-
 def launch_config(N: int, interpreter: bool | None = None) -> dict:
     """The launch parameters (forward and backward alike) for rows of N elements. `interpreter`: the interpreter's
     or a GPU's (default: where this process runs; `python -m kernels.inspect` and the config tests ask for the GPU's)."""
     if interpreter is None:
         interpreter = interpreting()
     block_m, block_n = _block(N, interpreter)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m, block_n), num_stages=1)
+    # 8 elements per thread (warps_for). At 16 (4K-element tiles) the backward needed 100-110 registers (2 CTAs of
+    # 8 warps per SM on sm_90); at 8 it needs 48-63 and the forward ~31 (full occupancy)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(block_m * block_n), num_stages=1)
 
 
 def _bwd_row_groups(M: int, N: int, block_m: int, block_n: int, programs_hint: int) -> tuple[int, int]:
@@ -211,18 +208,16 @@ def gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "
 
 INSPECT_DTYPES = [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)]  # fp16 compiles as bf16 does
 INSPECT_WIDTHS = (3072, 6400)
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def inspect_cases(rows=16384, sms=132):
-    from kernels.inspect import launch_case
     cases = []
     for act, param in INSPECT_DTYPES:
         for N in INSPECT_WIDTHS:
             config = launch_config(N, interpreter=False)
             _, rows_per_program = _bwd_row_groups(rows, N, config["BLOCK_M"], config["BLOCK_N"], sms * 4)
             for approximate in APPROXIMATIONS:
-                problem = {"dtype": _DTYPE_NAMES[act], "width": N, "tanh": approximate == "tanh"}
+                problem = {"dtype": DTYPE_NAMES[act], "width": N, "tanh": approximate == "tanh"}
                 flags = dict(HAS_BIAS=True, APPROX_TANH=approximate == "tanh")
                 cases.append(launch_case("gelu_fwd", _gelu_fwd, config, problem,
                                          dict(X=act, Bias=param, Y=act, M=rows, N=N, **flags)))

@@ -29,8 +29,9 @@ a list of dicts, one per (kernel, launch config, representative problem):
 with the configs taken from the same lists (or helpers) the launcher uses, never copied. `values` lets the
 inspection specialize integer arguments the way Triton's JIT does at launch (a multiple of 16 is compiled with
 `tt.divisibility=16`, which decides vectorized and TMA-able accesses); pointer arguments are taken as 16-byte
-aligned (torch's allocations are), except parameters the kernel marks `do_not_specialize`. `launch_case()` below
-builds such a dict from the arguments as the launcher passes them (torch dtypes for tensors, ints, floats).
+aligned (torch's allocations are), except parameters the kernel marks `do_not_specialize`. `launch_case()` in
+kernels/_common.py builds such a dict from the arguments as the launcher passes them (torch dtypes for tensors, ints,
+floats); the kernel modules import it from there, never from this module, which loads them.
 """
 import argparse
 import importlib
@@ -45,6 +46,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from kernels._common import interpreting
 
 # the kernel modules, each with an inspect_cases(): a new module joins here
 MODULES = ["kernels.attention", "kernels.decode_attention", "kernels.layer_norm", "kernels.gelu",
@@ -61,47 +64,11 @@ ARCHS = {
 ROW_KEYS = ("id", "kernel", "config", "arch", "problem", "registers", "spill_bytes", "shared_bytes", "mma", "tma",
             "ctas_per_sm")
 
-_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "i8", "int32": "i32",
-                 "int64": "i64"}
-
-
-def launch_case(kernel, fn, config, problem, args):
-    """One inspect case from the arguments a launcher passes `fn` (every parameter, by name): torch dtypes stand
-    for tensors, ints and floats for scalars, and constexpr parameters take their values; `config` holds the
-    meta-parameters (BLOCK_M, ...) and num_warps/num_stages (extra keys, such as a list's own bookkeeping, are
-    ignored unless they name a parameter of fn)."""
-    meta = {k: v for k, v in config.items() if k in fn.arg_names}
-    args = {**args, **meta}
-    missing = [p for p in fn.arg_names if p not in args]
-    if missing:
-        raise ValueError(f"{kernel}: inspect case lacks argument(s) {', '.join(missing)}")
-    signature, constexprs, values = {}, {}, {}
-    for param in fn.params:
-        value = args[param.name]
-        if param.is_constexpr:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif hasattr(value, "is_floating_point"):  # a torch.dtype: a pointer to it
-            signature[param.name] = "*" + _TRITON_TYPES[str(value).replace("torch.", "")]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            values[param.name] = value
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        else:
-            raise TypeError(f"{kernel}: cannot describe argument {param.name}={value!r}")
-    launch = {k: v for k, v in config.items() if k in meta or k in ("num_warps", "num_stages")}
-    return {"kernel": kernel, "fn": fn, "signature": signature, "constexprs": constexprs, "config": launch,
-            "problem": dict(problem), "values": values}
-
-
 def collect(kernels=None, select=None, arch="sm_90"):
     """Every case of every module in MODULES (those of the named kernels only, if given; those for which
     select(case) is true, if given). A module whose inspect_cases() takes an `arch` argument gets the target's
     name, for kernels whose launch picks a different code path per architecture (attention: TMA on sm_90)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         raise RuntimeError("kernels.inspect compiles for a GPU target: TRITON_INTERPRET must be unset before triton is "
                            "imported (python -m kernels.inspect re-executes itself without it)")
     cases = []
@@ -380,6 +347,6 @@ def _reexec_without_interpreter():
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         _reexec_without_interpreter()
     sys.exit(main())

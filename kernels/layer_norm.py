@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import autocast_dtype, check_device, check_float, interpreting, num_programs_hint
+from kernels._common import (DTYPE_NAMES, autocast_dtype, check_device, check_float, interpreting, launch_case,
+                             num_programs_hint, warps_for)
 
 
 @triton.jit
@@ -124,10 +125,6 @@ def _block_n(N: int, element_size: int) -> int:
     return block
 
 
-def _warps(block_n: int) -> int:
-    return min(max(block_n // 256, 1), 16)
-
-
 def _rows_per_program(block_n: int, interpreter: bool) -> int:
     """Forward: rows per program, ~4K elements on a GPU (narrow rows share a program), ~64K under the
     interpreter, where each program costs Python time and wide numpy tiles cost little."""
@@ -137,7 +134,7 @@ def _rows_per_program(block_n: int, interpreter: bool) -> int:
 
 def _bwd_rows_per_tile(block_n: int, interpreter: bool) -> int:
     """Backward: rows per loop step, ~2K elements on a GPU (two rows at width 768, one from 1025 up), launched with
-    _warps(rows * block_n) warps: 8 elements per thread of each of x, dy, xhat, w and the two 1-D accumulators
+    warps_for(rows * block_n) warps: 8 elements per thread of each of x, dy, xhat, w and the two 1-D accumulators
     (fewer), which keeps the kernel near 80 registers; ~64K elements under the interpreter (see _rows_per_program)."""
     budget = 65536 if interpreter else 2048
     return max(1, min(128, budget // block_n))
@@ -151,10 +148,10 @@ def launch_config(N: int, element_size: int, interpreter: bool | None = None, ba
         interpreter = interpreting()
     block_n = _block_n(N, element_size)
     if not backward:
-        return dict(BLOCK_M=_rows_per_program(block_n, interpreter), BLOCK_N=block_n, num_warps=_warps(block_n),
+        return dict(BLOCK_M=_rows_per_program(block_n, interpreter), BLOCK_N=block_n, num_warps=warps_for(block_n),
                     num_stages=1)
     block_m = _bwd_rows_per_tile(block_n, interpreter)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n), num_stages=1)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(block_m * block_n), num_stages=1)
 
 
 def _bwd_programs(M: int, block_m: int, programs_hint: int) -> tuple[int, int]:
@@ -334,15 +331,13 @@ INSPECT_DTYPES = [(torch.float32, torch.bfloat16, torch.bfloat16, torch.float32)
                   (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
                   (torch.float32, torch.float32, torch.float32, torch.float32)]
 INSPECT_WIDTHS = (768, 1600, 3072)
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def inspect_cases(rows=16384, sms=132):
-    from kernels.inspect import launch_case
     cases = []
     for stream, branch, out, param in INSPECT_DTYPES:
         for N in INSPECT_WIDTHS:
-            problem = {"dtype": _DTYPE_NAMES[out], "stream": _DTYPE_NAMES[stream], "width": N}
+            problem = {"dtype": DTYPE_NAMES[out], "stream": DTYPE_NAMES[stream], "width": N}
             narrowest = min(torch.empty((), dtype=t).element_size() for t in (stream, out))
             fwd = launch_config(N, narrowest, interpreter=False)
             for residual in (True, False):

@@ -41,11 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import autocast_dtype, check_device, check_float, interpreting, num_programs_hint
+from kernels._common import (DTYPE_NAMES, LOG2E, PRECISION, autocast_dtype, check_device, check_float, interpreting,
+                             launch_case, num_programs_hint)
 
-# fp32 inputs multiply in full fp32 ("ieee"), not TF32, so float32 matches the reference to 1e-5
-PRECISION: tl.constexpr = tl.constexpr("ieee")
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 REDUCTIONS = ("mean", "sum", "none")
 # the dlogits chunk of the backward holds at most CHUNK_WEIGHTS * V * C elements (and at least one tile column)
 CHUNK_WEIGHTS = 2
@@ -326,13 +324,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 def inspect_cases():
     """What `python -m kernels.inspect` compiles (the contract is at the top of kernels/inspect.py): every shipped
     config of both kernels, at GPT-2 124M's head (16K rows of width 768, vocabulary 50304)."""
-    from kernels.inspect import launch_case
     N, C, V = 16 * 1024, 768, 50304
     chunk = _vocab_chunk(N, V, C)
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     cases = []
     for dtype in (torch.bfloat16, torch.float32):
-        problem = {"dtype": names[dtype], "width": C, "vocab": V, "rows": N}
+        problem = {"dtype": DTYPE_NAMES[dtype], "width": C, "vocab": V, "rows": N}
         fp32 = dtype == torch.float32
         for config in CONFIGS["fwd", fp32]:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}

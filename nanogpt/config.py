@@ -261,7 +261,10 @@ def validate_train(cfg: TrainConfig, world_size: int = 1):
 
 
 def check_triton_device(attn, device):
-    if attn == "triton" and device.split(":")[0] == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if attn != "triton" or device.split(":")[0] != "cpu":
+        return
+    from kernels._common import interpreting  # here: triton is imported only when the triton backend is chosen
+    if not interpreting():
         raise ConfigError("attn=triton on the CPU runs only through Triton's interpreter: set "
                           "TRITON_INTERPRET=1 (slow, for testing), or use a CUDA GPU or --attn=sdpa")
 

@@ -91,6 +91,22 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         validate_train(TrainConfig(device="cpu", attn="triton"))
 
 
+@pytest.mark.parametrize("value", ["1", "true", "YES", "on", "y", "0", "", "2", "false", "off", " 1"])
+def test_one_rule_for_whether_triton_interprets(monkeypatch, value):
+    """kernels._common.interpreting() reads TRITON_INTERPRET as Triton itself does, and the config check asks it:
+    a value Triton runs on the interpreter passes, any other is refused."""
+    import triton
+
+    from kernels._common import interpreting
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() == triton.knobs.runtime.interpret
+    if interpreting():
+        validate_train(TrainConfig(device="cpu", attn="triton"))
+    else:
+        with pytest.raises(ConfigError, match="set TRITON_INTERPRET=1"):
+            validate_train(TrainConfig(device="cpu", attn="triton"))
+
+
 def test_wandb_missing(monkeypatch):
     import importlib.util
     real = importlib.util.find_spec

@@ -1,7 +1,9 @@
-"""Dependencies point one way: no import cycle in nanogpt/ or kernels/, counting imports inside functions.
+"""Dependencies point one way: no import cycle in nanogpt/ or kernels/, counting imports inside functions and
+imports by name.
 
 The imports are read from the source with `ast` (nothing is executed), so an import hidden in a function body,
-which Python would only run later, counts as much as one at the top of the file."""
+which Python would only run later, counts as much as one at the top of the file; so does a module named in a
+string, `importlib.import_module("kernels.gelu")` or a list of names a loop imports (kernels/inspect.py's MODULES)."""
 import ast
 from pathlib import Path
 
@@ -33,6 +35,11 @@ def module_imports(root: Path, packages=PACKAGES) -> dict[str, set[str]]:
                 targets.add(base)
                 # `from pkg import mod` imports the module pkg.mod
                 targets.update(f"{base}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                # a string that is exactly a module's name: importlib.import_module("kernels.gelu"), or an entry of a
+                # list of modules to load by name. (Prose that mentions a module, "python -m kernels.inspect", is
+                # never exactly its name.)
+                targets.add(node.value)
         # (a package's __init__.py re-exporting its modules is no cycle: the modules import their siblings)
         graph[name] = {t for t in targets if t in modules and t != name}
     return graph
@@ -111,6 +118,20 @@ def write_package(root: Path, files: dict[str, str]):
     ({"nanogpt/__init__.py": "", "nanogpt/a.py": "from kernels import k\n",
       "kernels/__init__.py": "", "kernels/k.py": "from .j import z\n", "kernels/j.py": "import nanogpt.a\n"},
      [["kernels.j", "kernels.k", "nanogpt.a"]]),
+    # a cycle through importlib.import_module with the name written out
+    ({"nanogpt/__init__.py": "", "nanogpt/a.py": "import nanogpt.b\n",
+      "nanogpt/b.py": "import importlib\ndef f():\n    return importlib.import_module('nanogpt.a')\n",
+      "kernels/__init__.py": ""},
+     [["nanogpt.a", "nanogpt.b"]]),
+    # the shape kernels/inspect.py had: it loads the modules of a list by name, one of them imports it back
+    ({"nanogpt/__init__.py": "", "kernels/__init__.py": "",
+      "kernels/inspect.py": "import importlib\nMODULES = ['kernels.k']\n"
+                            "def collect():\n    return [importlib.import_module(m) for m in MODULES]\n",
+      "kernels/k.py": "def inspect_cases():\n    from kernels.inspect import launch_case\n"},
+     [["kernels.inspect", "kernels.k"]]),
+    # a module named in prose is no import
+    ({"nanogpt/__init__.py": "", "kernels/__init__.py": "", "kernels/inspect.py": "import kernels.k\n",
+      "kernels/k.py": "'''compiled by kernels.inspect'''\nHELP = 'python -m kernels.inspect'\n"}, []),
     # a chain is no cycle
     ({"nanogpt/__init__.py": "", "nanogpt/a.py": "import nanogpt.b\n", "nanogpt/b.py": "import kernels.k\n",
       "kernels/__init__.py": "", "kernels/k.py": "import torch\n"}, []),
@@ -129,3 +150,16 @@ def test_tests_import_helpers_never_other_test_files():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name} imports {n}" for n in names if n.startswith(("test_", "conftest"))]
     assert not offenders, offenders
+
+
+def test_the_real_inspect_module_closes_a_cycle_with_a_kernel_that_imports_it(tmp_path):
+    """kernels/ as it is has no cycle; add to a kernel module an import of kernels.inspect inside a function (what
+    attention, gelu, layer_norm and the loss head once did for launch_case) and the finder sees the cycle that
+    inspect.py's MODULES list closes."""
+    files = {f"kernels/{p.name}": p.read_text() for p in (ROOT / "kernels").glob("*.py")}
+    files["nanogpt/__init__.py"] = ""
+    write_package(tmp_path, files)
+    assert find_cycles(module_imports(tmp_path)) == []
+    files["kernels/gelu.py"] += "\n\ndef _inspect_back():\n    from kernels.inspect import ARCHS\n"
+    write_package(tmp_path, files)
+    assert find_cycles(module_imports(tmp_path)) == [["kernels.gelu", "kernels.inspect"]]
