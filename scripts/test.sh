@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh dev
-exec .venv/bin/python -m pytest tests/ bench/ -q "$@"
+# -n auto: one pytest-xdist worker per core; --dist loadfile: a file's tests run on one worker, so a module's
+# fixtures (the inspection's GPU compiles, a trained model) are built once
+exec .venv/bin/python -m pytest tests/ bench/ -q -n auto --dist loadfile "$@"

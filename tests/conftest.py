@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 
 from helpers import SAMPLE_TEXT, run, tiny_config  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads, and the cores shared among pytest-xdist's workers (oversubscribed threads wait on each other)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
 
 
 @pytest.fixture
