@@ -42,7 +42,7 @@ def test_logits_match_transformers(hf_folder, attn):
 def test_only_dropout_and_attn_may_be_overridden(hf_folder):
     folder, _ = hf_folder
     assert GPT.from_pretrained(str(folder), dict(dropout=0.1)).config.dropout == 0.1
-    with pytest.raises(PretrainedError, match="only dropout, attn may be overridden for pretrained weights, not n_layer"):
+    with pytest.raises(PretrainedError, match="only dropout, attn, fused_loss_head may be overridden for pretrained weights, not n_layer"):
         GPT.from_pretrained(str(folder), dict(n_layer=3))
 
 
