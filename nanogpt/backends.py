@@ -198,6 +198,8 @@ def _triton_backend() -> Backend:
     )
 
 
+REFERENCE = "naive"  # the backend every other one is checked against (tests/, bench/)
+
 # naive and sdpa leave add_layer_norm out (`x + residual`, then their layer_norm) and have no fused loss head
 register_backend("naive", lambda: Backend(
     "naive", naive_attention, naive_layer_norm, naive_gelu, decode_attention=naive_decode_attention,
