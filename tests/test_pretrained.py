@@ -9,6 +9,7 @@ import torch
 
 from helpers import ROOT
 from kernels.testing import relative_error
+from nanogpt.backends import available_backends
 from nanogpt.model import GPT
 from nanogpt.pretrained import PretrainedError
 
@@ -26,7 +27,7 @@ def hf_folder(request, tmp_path_factory):
     return folder, model
 
 
-@pytest.mark.parametrize("attn", ["naive", "sdpa", "triton"])
+@pytest.mark.parametrize("attn", available_backends())
 def test_logits_match_transformers(hf_folder, attn):
     folder, hf_model = hf_folder
     model = GPT.from_pretrained(str(folder), dict(attn=attn)).eval()
