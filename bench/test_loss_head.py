@@ -34,8 +34,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.common import (DEVICE, ON_GPU, gate, interpreted, low_precision_dtype, measure, peak_memory_bytes,
-                          record_untimed, reset_peak_memory, sync)
+from bench.common import (
+    DEVICE,
+    ON_GPU,
+    gate,
+    interpreted,
+    low_precision_dtype,
+    measure,
+    peak_memory_bytes,
+    record_untimed,
+    reset_peak_memory,
+    sync,
+)
 from nanogpt.backends import available_backends, get_backend, linear_loss_head
 from nanogpt.model import GPT, GPTConfig
 

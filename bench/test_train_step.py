@@ -9,8 +9,17 @@ import contextlib
 import pytest
 import torch
 
-from bench.common import (DEVICE, ON_GPU, gate, interpreted, low_precision_dtype, measure, peak_memory_bytes,
-                          record_untimed, reset_peak_memory)
+from bench.common import (
+    DEVICE,
+    ON_GPU,
+    gate,
+    interpreted,
+    low_precision_dtype,
+    measure,
+    peak_memory_bytes,
+    record_untimed,
+    reset_peak_memory,
+)
 from nanogpt.backends import REFERENCE, available_backends
 from nanogpt.hardware import device_peak_flops
 from nanogpt.model import GPT, GPTConfig

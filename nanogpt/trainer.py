@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt.checkpoint import (OutDirLock, check_model_args, load_checkpoint, rng_state, save_checkpoint,
-                                set_rng_state)
+from nanogpt.checkpoint import OutDirLock, check_model_args, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nanogpt.config import TrainConfig, validate_train
 from nanogpt.data import BatchLoader, dataset_dir, load_meta
 from nanogpt.errors import CheckpointError, TrainingDiverged

@@ -8,11 +8,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from helpers import ROOT, TINY_MODEL as TINY
+from helpers import ROOT
+from helpers import TINY_MODEL as TINY
 from helpers import tiny_model_pair as make_pair
 from kernels.testing import relative_error, tolerance
-from nanogpt.backends import (REFERENCE, Backend, available_backends, get_backend, register_backend,
-                              unregister_backend)
+from nanogpt.backends import REFERENCE, Backend, available_backends, get_backend, register_backend, unregister_backend
 from nanogpt.errors import ConfigError
 from nanogpt.model import GPT, GPTConfig
 

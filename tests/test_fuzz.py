@@ -5,11 +5,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICE
+from helpers import DEVICE, attention_reference
 from kernels import attention, gelu, layer_norm
 from kernels.attention import HEAD_DIMS
 from kernels.testing import REDUCTION_FACTOR, relative_error, tolerance
-from helpers import attention_reference
 
 FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None)
 DTYPES = st.sampled_from([torch.float32, torch.float16])

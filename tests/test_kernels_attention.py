@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers import DEVICE, attention_reference
-from kernels.testing import relative_error, tolerance
 from kernels import attention
 from kernels.attention import dropout_mask, last_seed_of
+from kernels.testing import relative_error, tolerance
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is also the function
 

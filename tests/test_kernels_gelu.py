@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE
-from kernels.testing import relative_error, tolerance
 from kernels import gelu
+from kernels.testing import relative_error, tolerance
 
 gelu_module = importlib.import_module("kernels.gelu")  # the module: `kernels.gelu` is the function
 

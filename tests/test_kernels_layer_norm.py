@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE
-from kernels.testing import relative_error, tolerance
 from kernels import add_layer_norm, layer_norm
+from kernels.testing import relative_error, tolerance
 
 layer_norm_module = importlib.import_module("kernels.layer_norm")  # the module: `kernels.layer_norm` is the function
 

@@ -71,8 +71,8 @@ def test_hub_name_offline_says_the_hub_cannot_be_reached(tmp_path, monkeypatch):
 def test_finetune_and_sample_from_a_local_folder(hf_folder, data_dir, tmp_path):
     """train.py --init_from=<folder> with a cropped block, then sample.py from its checkpoint and the folder."""
     folder, _ = hf_folder
-    from nanogpt.data import prepare_bpe
     from helpers import SAMPLE_TEXT
+    from nanogpt.data import prepare_bpe
     prepare_bpe(SAMPLE_TEXT, data_dir / "shakespeare")
     env = {**os.environ, "NANOGPT_DATA": str(data_dir)}
     out = tmp_path / "ft"
