@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanogpt.backends import get_backend
 from nanogpt.config import ConfigError, TrainConfig, check_model_shape, cli_config, exit_with_error, option
 from nanogpt.data import BatchLoader, dataset_dir
 from nanogpt.errors import UserError
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.model import GPT, GPTConfig, model_args
 from nanogpt.runtime import check_runtime, setup_runtime
 
 
@@ -36,6 +37,7 @@ class BenchConfig:
     dropout: float = _as_in_train("dropout")
     bias: bool = _as_in_train("bias")
     attn: str = _as_in_train("attn")
+    fused_loss_head: bool = _as_in_train("fused_loss_head")
     real_data: bool = option(False, "read batches from data/<dataset> instead of random tokens")
     dataset: str = _as_in_train("dataset")
     device: str = _as_in_train("device")
@@ -55,7 +57,8 @@ def validate(cfg):
         raise ConfigError(f"num_steps={cfg.num_steps} must be > 0")
     if cfg.real_data:
         dataset_dir(cfg.dataset)
-    check_runtime(cfg.device, cfg.dtype, cfg.compile)
+    device = check_runtime(cfg.device, cfg.dtype, cfg.compile)
+    get_backend(cfg.attn).check_device(device)
 
 
 def main(argv):
@@ -79,8 +82,7 @@ def run(cfg):
         y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
         get_batch = lambda: (x, y)  # noqa: E731
 
-    model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                          dropout=cfg.dropout, bias=cfg.bias, vocab_size=cfg.vocab_size, attn=cfg.attn)).to(device)
+    model = GPT(GPTConfig(**model_args(cfg))).to(device)
     optimizer = model.configure_optimizers(1e-2, 1e-4, (0.9, 0.95), device_type)
     step_model = torch.compile(model) if cfg.compile else model
 

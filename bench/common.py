@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from kernels.testing import REDUCTION_FACTOR, relative_error, tolerance
+from kernels.testing import relative_error, tolerance
+from nanogpt.backends import available_backends, get_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -31,18 +32,10 @@ def record_untimed(benchmark, reason):
     UNTIMED.append({"name": benchmark.name, "group": benchmark.group, "extra_info": dict(benchmark.extra_info)})
 
 
-def uses_triton(backend_name):
-    """Whether a registry backend runs this project's Triton kernels (on a CPU they run interpreted: checked, never
-    timed): its name says triton, or one of its functions comes from kernels/."""
-    from nanogpt.backends import get_backend
-    backend = get_backend(backend_name)
-    parts = (backend.attention, backend.layer_norm, backend.gelu)
-    return "triton" in backend_name or any(getattr(f, "__module__", "").startswith("kernels") for f in parts)
-
-
-def interpreted(backend_name):
-    """True for a registry backend whose Triton kernels run in the interpreter here."""
-    return INTERPRETED_TRITON and uses_triton(backend_name)
+def interpreted(name):
+    """True for a registry backend whose Triton kernels run in the interpreter here (checked, never timed; no bf16
+    tl.dot): the registry says whether a backend runs Triton. False for a row that is no registry backend."""
+    return INTERPRETED_TRITON and name in available_backends() and get_backend(name).runs_triton
 
 
 class WrongResult(AssertionError):
@@ -55,14 +48,12 @@ def low_precision_dtype():
     return torch.bfloat16
 
 
-
-
 def gate(name, outputs, references, dtype, reductions=()):
     """Fail (WrongResult) unless every output matches its reference within the dtype's tolerance. Outputs whose
-    index is in `reductions` (parameter gradients summed over thousands of rows) get REDUCTION_FACTOR times the tolerance:
+    index is in `reductions` (parameter gradients summed over thousands of rows) get the reduction tolerance:
     PyTorch's own low-precision kernels accumulate rounding there too."""
     for i, (out, ref) in enumerate(zip(outputs, references)):
-        tol = tolerance(dtype, "matmul") * (REDUCTION_FACTOR if i in reductions else 1)
+        tol = tolerance(dtype, "matmul", reduction=i in reductions)
         if out.shape != ref.shape:
             raise WrongResult(f"{name}: output {i} has shape {tuple(out.shape)}, reference {tuple(ref.shape)}")
         if not torch.isfinite(out).all():
@@ -71,6 +62,42 @@ def gate(name, outputs, references, dtype, reductions=()):
         if err > tol:
             raise WrongResult(f"{name}: output {i} is off by {err:.2e} relative (tolerance {tol:.0e} for {dtype}): "
                               f"refusing to time a wrong kernel")
+
+
+def fwd_bwd(fn, inputs, grad_out):
+    """Run fn forward (and backward with grad_out if given): (output, *input grads)."""
+    if grad_out is None:
+        with torch.no_grad():
+            return (fn(*inputs),)
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad_out)
+    return (out.detach(), *grads)
+
+
+def case(benchmark, record, kind, backend, fn, make_inputs, reference, dtype, passes, figure, reductions=()):
+    """Gate fn against the reference, then time it (unless Triton is interpreted), then record the figures."""
+    inputs, grad_out = make_inputs(0)
+    outputs = fwd_bwd(fn, inputs, grad_out if passes == "fwd+bwd" else None)
+    expected = reference(inputs, grad_out if passes == "fwd+bwd" else None)
+    gate(f"{kind} {backend} {passes} {dtype}", outputs, expected, dtype, reductions)
+    del outputs, expected
+
+    timed = not interpreted(backend)
+    record(kind=kind, backend=backend, passes=passes, dtype=str(dtype).replace("torch.", ""), timed=timed)
+    if not timed:  # correct; but interpreter speed says nothing about the kernel
+        record_untimed(benchmark, "Triton interpreter on CPU: checked, not timed")
+        return
+    sets = [make_inputs(i) for i in range(rotation_count(tensor_bytes(*inputs)))]
+    if passes == "fwd":
+        seconds = measure(benchmark, torch.no_grad()(fn), [tuple(s) for s, _ in sets])
+    else:
+        def step(*xs_and_grad):
+            *xs, g = xs_and_grad
+            out = fn(*xs)
+            torch.autograd.grad(out, [t for t in xs if t.requires_grad], g)
+        seconds = measure(benchmark, step, [(*s, g) for s, g in sets])
+    if seconds is not None:
+        benchmark.extra_info.update(figure(seconds))
 
 
 def sync():
@@ -94,7 +121,7 @@ def measure(benchmark, fn, input_sets, warmup=3, target_round_s=0.01, rounds=Non
     sync()
     one = max(time.perf_counter() - t0, 1e-7)
     inner = max(1, min(1000, math.ceil(target_round_s / one)))
-    rounds = rounds or (50 if ON_GPU else 5)
+    rounds = rounds or 5  # the CPU's rounds (a GPU returned above)
     counter = [0]
 
     def run_round():

@@ -14,6 +14,7 @@ FIGURES = {
     "attention": ("tflops", "TFLOP/s", "roofline_matmul_flops", 1e12),
     "layer_norm": ("gbps", "GB/s", "roofline_copy_bytes_per_s", 1e9),
     "gelu": ("gbps", "GB/s", "roofline_copy_bytes_per_s", 1e9),
+    "loss_head": ("tflops", "TFLOP/s", "roofline_matmul_flops", 1e12),
     "train_step": ("tokens_per_s", "tokens/s", None, 1),
     "sampling": ("tokens_per_s", "tokens/s", None, 1),
 }
@@ -50,6 +51,18 @@ def label(row):
     return " ".join(map(str, parts))
 
 
+def _mib(nbytes):
+    return _fmt(nbytes / 2**20 if nbytes else None)
+
+
+# columns beside the figure, per kind: (titles, the cells of a row). Memory is measured on untimed rows too.
+EXTRA_COLUMNS = {
+    "train_step": (["MFU", "peak memory (MiB)"], lambda r: [_fmt(r.get("mfu")), _mib(r.get("peak_memory_bytes"))]),
+    "loss_head": (["peak memory (MiB)", "fp32 logits (MiB)"],
+                  lambda r: [_mib(r.get("peak_memory_bytes")), _mib(r.get("logits_fp32_bytes"))]),
+}
+
+
 def markdown(rows, data):
     env = next((r for r in rows if "device" in r), {})
     lines = ["# Benchmark results", "",
@@ -66,18 +79,16 @@ def markdown(rows, data):
     for group, members in groups.items():
         kind = members[0].get("kind", "")
         key, unit, roof_key, _ = FIGURES.get(kind, ("median_s", "s", None, 1))
-        extra = " | MFU | peak memory (MiB)" if kind == "train_step" else ""
-        lines += ["", f"## {group}", "", f"| backend | median (ms) | {unit} | fraction of roofline{extra} |",
-                  "|---|---:|---:|---:|" + ("---:|---:|" if extra else "")]
+        titles, extra = EXTRA_COLUMNS.get(kind, ([], lambda r: []))
+        lines += ["", f"## {group}", "",
+                  "| " + " | ".join(["backend", "median (ms)", unit, "fraction of roofline", *titles]) + " |",
+                  "|---|" + "---:|" * (3 + len(titles))]
         for r in sorted(members, key=lambda r: -(r.get(key) or 0)):
             if r.get("timed") is False:
-                lines.append(f"| {label(r)} | {r.get('note', 'not timed')} | — | —" + (" | — | —" if extra else "") + " |")
-                continue
-            cells = [label(r), _fmt(r["median_s"] * 1e3), _fmt(r.get(key)), _fmt(r.get("roofline_fraction"))]
-            if extra:
-                mem = r.get("peak_memory_bytes")
-                cells += [_fmt(r.get("mfu")), _fmt(mem / 2**20 if mem else None)]
-            lines.append("| " + " | ".join(cells) + " |")
+                cells = [label(r), r.get("note", "not timed"), "—", "—"]
+            else:
+                cells = [label(r), _fmt(r["median_s"] * 1e3), _fmt(r.get(key)), _fmt(r.get("roofline_fraction"))]
+            lines.append("| " + " | ".join(cells + extra(r)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,9 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench.common import WrongResult, gate
-from bench.test_kernels import case
-from nanogpt.backends import Backend, get_backend, naive_attention, register_backend, unregister_backend
+from bench.common import WrongResult, case, gate
+from nanogpt.backends import REFERENCE, Backend, get_backend, naive_attention, register_backend, unregister_backend
 
 
 class RecordingBenchmark:
@@ -26,7 +25,7 @@ class RecordingBenchmark:
 
 
 def test_a_backend_off_by_one_percent_is_refused_before_timing():
-    naive = get_backend("naive")
+    naive = get_backend(REFERENCE)
     def off_by_one_percent(q, k, v, dropout_p=0.0):
         return naive.attention(q, k, v, dropout_p) * 1.01
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import (DEVICE, ON_GPU, gate, interpreted, low_precision_dtype, measure, record_untimed,
-                          rotation_count, tensor_bytes)
+from bench.common import DEVICE, ON_GPU, case, fwd_bwd, interpreted, low_precision_dtype
 from nanogpt.backends import available_backends, get_backend, naive_attention, naive_gelu, naive_layer_norm
 
 LOW = low_precision_dtype()
@@ -100,47 +99,6 @@ GELU_BACKENDS = {
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _interpreted(backend):
-    """A registry backend running our Triton kernels in the interpreter (CPU): checked, never timed."""
-    return backend in available_backends() and interpreted(backend)
-
-
-def fwd_bwd(fn, inputs, grad_out):
-    """Run fn forward (and backward with grad_out if given): (output, *input grads)."""
-    if grad_out is None:
-        with torch.no_grad():
-            return (fn(*inputs),)
-    out = fn(*inputs)
-    grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad_out)
-    return (out.detach(), *grads)
-
-
-def case(benchmark, record, kind, backend, fn, make_inputs, reference, dtype, passes, figure, reductions=()):
-    """Gate fn against the reference, then time it (unless Triton is interpreted), then record the figures."""
-    inputs, grad_out = make_inputs(0)
-    outputs = fwd_bwd(fn, inputs, grad_out if passes == "fwd+bwd" else None)
-    expected = reference(inputs, grad_out if passes == "fwd+bwd" else None)
-    gate(f"{kind} {backend} {passes} {dtype}", outputs, expected, dtype, reductions)
-    del outputs, expected
-
-    timed = not _interpreted(backend)
-    record(kind=kind, backend=backend, passes=passes, dtype=str(dtype).replace("torch.", ""), timed=timed)
-    if not timed:  # correct; but interpreter speed says nothing about the kernel
-        record_untimed(benchmark, "Triton interpreter on CPU: checked, not timed")
-        return
-    sets = [make_inputs(i) for i in range(rotation_count(tensor_bytes(*inputs)))]
-    if passes == "fwd":
-        seconds = measure(benchmark, torch.no_grad()(fn), [tuple(s) for s, _ in sets])
-    else:
-        def step(*xs_and_grad):
-            *xs, g = xs_and_grad
-            out = fn(*xs)
-            torch.autograd.grad(out, [t for t in xs if t.requires_grad], g)
-        seconds = measure(benchmark, step, [(*s, g) for s, g in sets])
-    if seconds is not None:
-        benchmark.extra_info.update(figure(seconds))
-
-
 def _fraction(value, key, benchmark):
     roof = benchmark.extra_info.get(key)
     return value / roof if roof else None
@@ -162,7 +120,7 @@ def _backend_or_skip(table, name, probe):
 @pytest.mark.parametrize("backend", list(ATTENTION_BACKENDS))
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_attention(benchmark, record, shape, backend, dtype, passes):
-    if _interpreted(backend) and dtype == torch.bfloat16:
+    if interpreted(backend) and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter cannot run tl.dot on bfloat16 (triton issue #11584): checked on a GPU")
     B, H, T, D = shape
     if backend == "naive" and T * T * B * H * 4 > 8 * 2**30:

@@ -2,8 +2,9 @@
 
 Rows (group "loss head"): each registered backend's `loss_head` forward+backward on (N, C) activations against a
 (50304, C) weight: median seconds, and the peak memory of one forward+backward above what its inputs hold, beside
-the size of the fp32 logits it may avoid. naive and sdpa build the logits (F.linear + F.cross_entropy); triton
-runs kernels.linear_cross_entropy, which never does.
+the size of the fp32 logits it may avoid. A backend without a fused head (naive, sdpa) runs the model's
+linear_loss_head, which builds the logits (F.linear + F.cross_entropy); triton's fused head,
+kernels.linear_cross_entropy, never does.
 
 Peak memory of one call: the bytes torch's allocations hold at once above what was held before, the figure a GPU
 reports as torch.cuda.max_memory_allocated() (read there through bench.common's helpers). On a CPU it comes from
@@ -13,14 +14,15 @@ tell one case from the next. Like the GPU figure, it leaves out what is not a to
 interpreter's numpy temporaries (registers and shared memory on a GPU).
 
 `python -m bench.test_loss_head` measures the CPU goal of the fused loss head: the peak memory of one training
-step (forward, backward, AdamW) of a 2-layer, 128-wide GPT with vocabulary 50304 and batch 8 x 256, per backend,
+step (forward, backward, AdamW) of a 2-layer, 128-wide GPT with vocabulary 50304 and batch 8 x 256, per backend
+(and, for a backend with a fused head, once more with fused_loss_head=False: the same kernels but the logits),
 each in a fresh process, after a warm-up step (AdamW's state): torch's allocations as above, and the resident
 set's high-water mark (VmHWM reset through /proc/self/clear_refs, minus the resident set before the step), which
 counts everything, the interpreter's temporaries included (they count against triton). The processes start with
 MALLOC_MMAP_THRESHOLD_=65536, so every block of 64 KiB or more is its own mapping and leaves the resident set when
-freed. test_train_step_peak_memory_cpu (with --benchmark) runs the same measurement and checks that triton's step
-peaks lower than sdpa's, by both measures, by at least the logits and their gradient (2 x 8 x 256 x 50304 x 4
-bytes).
+freed. test_train_step_peak_memory_cpu (with --benchmark) runs the same measurement and checks that a backend's
+step with its fused head peaks lower than its step with fused_loss_head=False, by both measures, by at least the
+logits and their gradient (2 x 8 x 256 x 50304 x 4 bytes).
 """
 import json
 import os
@@ -32,9 +34,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.common import (DEVICE, INTERPRETED_TRITON, ON_GPU, gate, low_precision_dtype, measure, peak_memory_bytes,
-                          record_untimed, reset_peak_memory, sync)
+from bench.common import (
+    DEVICE,
+    ON_GPU,
+    gate,
+    interpreted,
+    low_precision_dtype,
+    measure,
+    peak_memory_bytes,
+    record_untimed,
+    reset_peak_memory,
+    sync,
+)
 from nanogpt.backends import available_backends, get_backend, linear_loss_head
+from nanogpt.model import GPT, GPTConfig
 
 VOCAB = 50304  # GPT-2's 50257, padded to a multiple of 64
 if ON_GPU:
@@ -89,7 +102,7 @@ def loss_head_of(backend_name):
 @pytest.mark.parametrize("backend", available_backends())
 def test_loss_head(benchmark, record, backend, dtype):
     benchmark.group = f"loss head fwd+bwd {ROWS}x{WIDTH}x{VOCAB} {str(dtype)[6:]}"
-    if backend == "triton" and INTERPRETED_TRITON and dtype == torch.bfloat16:
+    if interpreted(backend) and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter cannot run tl.dot on bfloat16 (triton issue #11584): checked on a GPU")
     head = loss_head_of(backend)
 
@@ -116,7 +129,7 @@ def test_loss_head(benchmark, record, backend, dtype):
     del expected
 
     peak = allocator_peak_bytes(lambda: fwd_bwd(*inputs))
-    timed = not (backend == "triton" and INTERPRETED_TRITON)
+    timed = not interpreted(backend)
     record(kind="loss_head", backend=backend, passes="fwd+bwd", dtype=str(dtype)[6:], timed=timed,
            shape=[ROWS, WIDTH, VOCAB], peak_memory_bytes=peak, logits_fp32_bytes=ROWS * VOCAB * 4,
            peak_memory_method="cuda max_memory_allocated" if ON_GPU else "torch.profiler allocation events")
@@ -137,11 +150,10 @@ STEP_MODEL = dict(n_layer=2, n_head=4, n_embd=128, block_size=256, vocab_size=VO
 STEP_BATCH = 8
 
 
-def _one_step_peak(attn):
+def _one_step_peak(attn, fused_loss_head=True):
     """In this process: build the model, take one warm-up step (AdamW's state), then measure the second step."""
-    from nanogpt.model import GPT, GPTConfig
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**STEP_MODEL, attn=attn))
+    model = GPT(GPTConfig(**STEP_MODEL, attn=attn, fused_loss_head=fused_loss_head))
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
     g = torch.Generator().manual_seed(1)
     x, y = (torch.randint(0, VOCAB, (STEP_BATCH, STEP_MODEL["block_size"]), generator=g) for _ in range(2))
@@ -157,18 +169,26 @@ def _one_step_peak(attn):
     step()
     rss = rss_peak_bytes(step)
     allocated = allocator_peak_bytes(step)
-    return {"backend": attn, "step_peak_bytes": allocated, "step_rss_peak_bytes": rss, "loss": losses[-1]}
+    return {"backend": attn, "fused_loss_head": fused_loss_head, "step_peak_bytes": allocated,
+            "step_rss_peak_bytes": rss, "loss": losses[-1]}
+
+
+def step_runs(backends):
+    """(backend, fused_loss_head) pairs: each backend as it trains, and a backend with a fused head without it."""
+    runs = [(b, True) for b in backends]
+    return runs + [(b, False) for b in backends if get_backend(b).loss_head is not None]
 
 
 def measure_train_step_peaks(backends):
-    """Each backend's training-step peak (bytes above the step's start), each in a fresh `python -m` process."""
+    """The training-step peak (bytes above the step's start) of every step_runs(backends), each in a fresh
+    `python -m` process."""
     # one numpy (OpenBLAS) thread: the interpreter's many small matmuls only lose to thread hand-offs
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRITON_INTERPRET="1", OPENBLAS_NUM_THREADS="1")
     root = Path(__file__).resolve().parent.parent
     results = []
-    for attn in backends:
-        out = subprocess.run([sys.executable, "-m", "bench.test_loss_head", "--one", attn], cwd=root, env=env,
-                             capture_output=True, text=True, check=True)
+    for attn, fused in step_runs(backends):
+        out = subprocess.run([sys.executable, "-m", "bench.test_loss_head", "--one", attn, str(fused)], cwd=root,
+                             env=env, capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
 
@@ -178,28 +198,31 @@ def test_train_step_peak_memory_cpu(benchmark, record, timing):
     if not timing:
         pytest.skip("a measurement (minutes on a CPU: the interpreter runs the fused head): runs with --benchmark")
     benchmark.group = "train step peak memory (CPU)"
-    results = {r["backend"]: r for r in measure_train_step_peaks(available_backends())}
+    results = {(r["backend"], r["fused_loss_head"]): r for r in measure_train_step_peaks(available_backends())}
     logits_and_grad = 2 * STEP_BATCH * STEP_MODEL["block_size"] * VOCAB * 4
     record(kind="train_step_memory", model=STEP_MODEL, batch_size=STEP_BATCH, results=list(results.values()),
            logits_and_grad_bytes=logits_and_grad)
     record_untimed(benchmark, "memory only")
-    if "triton" in results and "sdpa" in results:
-        for key in ("step_peak_bytes", "step_rss_peak_bytes"):
-            saved = results["sdpa"][key] - results["triton"][key]
-            assert saved >= logits_and_grad, (f"the fused loss head saves {saved / 2**20:.0f} MiB of the step's "
-                                              f"peak ({key}), less than the logits and their gradient "
-                                              f"({logits_and_grad / 2**20:.0f} MiB)")
-        assert abs(results["triton"]["loss"] - results["sdpa"]["loss"]) < 1e-3 * results["sdpa"]["loss"]
+    for backend, fused in results:
+        if not fused:  # a backend with a fused head, measured without it: the head must save the logits
+            with_head, without = results[backend, True], results[backend, False]
+            for key in ("step_peak_bytes", "step_rss_peak_bytes"):
+                saved = without[key] - with_head[key]
+                assert saved >= logits_and_grad, (f"{backend}'s fused loss head saves {saved / 2**20:.0f} MiB of "
+                                                  f"the step's peak ({key}), less than the logits and their "
+                                                  f"gradient ({logits_and_grad / 2**20:.0f} MiB)")
+            assert abs(with_head["loss"] - without["loss"]) < 1e-3 * without["loss"]
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--one"]:
-        print(json.dumps(_one_step_peak(sys.argv[2])))
+        print(json.dumps(_one_step_peak(sys.argv[2], sys.argv[3:4] != ["False"])))
     else:
         logits_and_grad = 2 * STEP_BATCH * STEP_MODEL["block_size"] * VOCAB * 4
         print(f"training step, {STEP_MODEL}, batch {STEP_BATCH}: peak memory above the step's start "
               f"(logits + their gradient in fp32: {logits_and_grad / 2**20:.0f} MiB)")
-        print("  backend   torch allocations   resident set   loss")
+        print("  backend           torch allocations   resident set   loss")
         for r in measure_train_step_peaks(sys.argv[1:] or available_backends()):
-            print(f"  {r['backend']:8s} {r['step_peak_bytes'] / 2**20:12.1f} MiB "
+            name = r["backend"] + ("" if r["fused_loss_head"] else " (logits)")
+            print(f"  {name:16s} {r['step_peak_bytes'] / 2**20:12.1f} MiB "
                   f"{r['step_rss_peak_bytes'] / 2**20:10.1f} MiB   {r['loss']:.4f}")

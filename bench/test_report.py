@@ -64,3 +64,19 @@ def test_one_shot_bench_command(tmp_path):
     assert json.loads(trace.read_text())["traceEvents"]
     r = subprocess.run([sys.executable, "-m", "bench", "--n_lyer=1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "unknown config key 'n_lyer' (did you mean 'n_layer'?)" in r.stderr
+
+
+def test_report_has_the_loss_head_rows():
+    """The loss head's rows reach the table: TFLOP/s, and the peak memory beside the fp32 logits it may avoid, on
+    the untimed (interpreted) rows too."""
+    from bench.report import load_rows, markdown
+    info = dict(kind="loss_head", shape=[256, 128, 50304], peak_memory_bytes=3 * 2**20,
+                logits_fp32_bytes=256 * 50304 * 4)
+    data = {"benchmarks": [{"name": "test_loss_head[sdpa]", "group": "loss head", "stats": {"median": 0.002},
+                            "extra_info": dict(info, backend="sdpa", timed=True, tflops=0.5)}],
+            "untimed": [{"name": "test_loss_head[triton]", "group": "loss head",
+                         "extra_info": dict(info, backend="triton", timed=False, note="interpreted")}]}
+    md = markdown(load_rows(data), data)
+    assert "| backend | median (ms) | TFLOP/s | fraction of roofline | peak memory (MiB) | fp32 logits (MiB) |" in md
+    assert "| sdpa | 2 | 0.5 | — | 3 | 49.1 |" in md
+    assert "| triton | interpreted | — | — | 3 | 49.1 |" in md

@@ -2,7 +2,8 @@
 
 The prompt is half a block and the run a block long, so every row crosses block_size and the context modes
 differ. Gate (before any timing): greedy tokens must equal the uncached eager tokens of the same backend where
-the mode promises it (no cache, slide), and the eager sdpa shift tokens for shift (backends and compile agree).
+the mode promises it (no cache, slide), and the reference backend's eager shift tokens for shift (backends and
+compile agree).
 On a GPU the gate runs a float32 copy of the model (bf16 ties between near-equal logits of a random model could
 flip a greedy token without anything being wrong); the timed run is bf16.
 
@@ -12,7 +13,8 @@ cache per decode step) as a fraction of the measured copy roofline.
 import pytest
 import torch
 
-from bench.common import DEVICE, INTERPRETED_TRITON, ON_GPU, measure, record_untimed
+from bench.common import DEVICE, ON_GPU, interpreted, measure, record_untimed
+from nanogpt.backends import REFERENCE, available_backends
 from nanogpt.generate import bytes_read, generate
 from nanogpt.model import GPT, GPTConfig
 
@@ -44,11 +46,12 @@ def greedy(model, prompt, n, use_cache, context, compile):
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("use_cache,context", MODES, ids=["no-cache", "slide", "shift"])
-@pytest.mark.parametrize("attn", ["naive", "sdpa", "triton"])
+@pytest.mark.parametrize("attn", available_backends())
 def test_generate(benchmark, record, attn, use_cache, context, compile):
     benchmark.group = "sampling"
-    if compile and not ON_GPU and attn != "sdpa":
-        pytest.skip("CPU: compiled rows for sdpa only (each compile takes a minute on a small CPU)")
+    if compile and not ON_GPU and (attn == REFERENCE or interpreted(attn)):
+        pytest.skip("CPU: no compiled rows for the reference nor interpreted Triton (each compile takes a minute "
+                    "on a small CPU)")
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     prompt = torch.randint(0, MODEL["vocab_size"], (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(DEVICE)
@@ -57,7 +60,7 @@ def test_generate(benchmark, record, attn, use_cache, context, compile):
     gate_model = model_for(attn, torch.float32)
     tokens = greedy(gate_model, prompt, GATE_TOKENS, use_cache, context, compile)
     if context == "shift":
-        expected = greedy(model_for("sdpa", torch.float32), prompt, GATE_TOKENS, True, "shift", False)
+        expected = greedy(model_for(REFERENCE, torch.float32), prompt, GATE_TOKENS, True, "shift", False)
     else:
         expected = greedy(gate_model, prompt, GATE_TOKENS, False, "slide", False)
     if not torch.equal(tokens, expected):
@@ -66,8 +69,8 @@ def test_generate(benchmark, record, attn, use_cache, context, compile):
 
     record(kind="sampling", backend=attn, use_cache=use_cache, context=context if use_cache else None,
            compile=compile, new_tokens=NEW_TOKENS, prompt_tokens=PROMPT, batch_size=BATCH, model=MODEL,
-           dtype=str(dtype).replace("torch.", ""), timed=not (attn == "triton" and INTERPRETED_TRITON))
-    if attn == "triton" and INTERPRETED_TRITON:
+           dtype=str(dtype).replace("torch.", ""), timed=not interpreted(attn))
+    if interpreted(attn):
         record_untimed(benchmark, "checked, not timed: Triton runs in its interpreter on the CPU")
         return
     model = model_for(attn, dtype)

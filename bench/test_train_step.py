@@ -9,9 +9,18 @@ import contextlib
 import pytest
 import torch
 
-from bench.common import (DEVICE, ON_GPU, gate, interpreted, low_precision_dtype, measure, peak_memory_bytes,
-                          record_untimed, reset_peak_memory)
-from nanogpt.backends import available_backends
+from bench.common import (
+    DEVICE,
+    ON_GPU,
+    gate,
+    interpreted,
+    low_precision_dtype,
+    measure,
+    peak_memory_bytes,
+    record_untimed,
+    reset_peak_memory,
+)
+from nanogpt.backends import REFERENCE, available_backends
 from nanogpt.hardware import device_peak_flops
 from nanogpt.model import GPT, GPTConfig
 
@@ -58,8 +67,8 @@ def test_train_step(benchmark, record, attn, compile):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    # correctness gate: the first step's loss and gradients against the naive backend in fp32, same weights
-    ref_model, _, _ = build("naive", torch.float32)
+    # correctness gate: the first step's loss and gradients against the reference backend in fp32, same weights
+    ref_model, _, _ = build(REFERENCE, torch.float32)
     x, y = batches(1)[0]
     _, ref_loss = ref_model(x, y)
     ref_loss.backward()

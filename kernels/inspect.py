@@ -274,8 +274,9 @@ def summary(rows):
 
 
 def markdown_report(rows, args, argv):
-    import triton
     from datetime import datetime, timezone
+
+    import triton
     command = " ".join(["python -m kernels.inspect", *(sys.argv[1:] if argv is None else argv)])
     return "\n".join([
         f"# {args.title or 'Kernel inspection, ' + args.arch}", "",

@@ -16,10 +16,16 @@ Every backend implements the same functions, and may add a fused one:
                                            q: (B, H, Tq, D) new queries; k, v: the KV cache (B, H, Tmax, D);
                                            lengths: (B,) int32 valid positions per row, the new ones included;
                                            query i of row b sits at lengths[b] - Tq + i and sees keys up to it
-and the loss head of training (None: the model's default, `linear_loss_head`):
-    loss_head(x, weight, targets, ignore_index) -> (logits or None, loss)
-        loss = F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index) over all positions; a fused
-        head returns None for the logits it never builds
+and, where the backend has one, a fused loss head for training (None: the model computes the logits, then
+cross-entropy, `linear_loss_head`; GPTConfig.fused_loss_head=False makes it do so anyway):
+    loss_head(x, weight, targets, ignore_index) -> (None, loss)
+        loss = F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index) over all positions, without
+        building the logits (so there are none to return)
+
+A backend also declares what it needs to run: `runs_triton` (its kernels are Triton programs: a CUDA GPU, or
+Triton's interpreter on a CPU). `check_device(device)` turns that into the one-line ConfigError that train.py,
+sample.py and `python -m bench` print before any work starts; tests and benchmarks ask the same flag instead of
+comparing names.
 """
 import math
 from dataclasses import dataclass
@@ -29,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from nanogpt.errors import ConfigError
+from nanogpt.kv_cache import query_positions
 
 
 @dataclass(frozen=True)
@@ -39,12 +46,29 @@ class Backend:
     gelu: Callable
     add_layer_norm: Callable | None = None
     decode_attention: Callable | None = None  # None: the backend cannot decode from a KV cache
-    loss_head: Callable | None = None
+    loss_head: Callable | None = None  # None: no fused head, the model builds the logits (linear_loss_head)
+    runs_triton: bool = False  # Triton programs: a CUDA GPU, or Triton's interpreter on a CPU (slow, for testing)
     description: str = ""
 
     def __post_init__(self):
         if self.add_layer_norm is None:  # frozen: set once here, to the unfused composition
             object.__setattr__(self, "add_layer_norm", _unfused_add_layer_norm(self.layer_norm))
+
+    def check_device(self, device) -> None:
+        """Raise the one-line ConfigError (the problem and the fix) unless this backend can run on `device`."""
+        if not self.runs_triton:
+            return
+        device_type = torch.device(device).type
+        if device_type == "cuda":
+            return
+        if device_type == "cpu":
+            from kernels._common import interpreting  # here: triton is imported only for a backend that runs it
+            if interpreting():
+                return
+            raise ConfigError(f"attn={self.name} on the CPU runs only through Triton's interpreter: set "
+                              f"TRITON_INTERPRET=1 (slow, for testing), or use a CUDA GPU or --attn=sdpa")
+        raise ConfigError(f"attn={self.name} runs Triton kernels, which need a CUDA GPU (or the CPU with "
+                          f"TRITON_INTERPRET=1), not {device_type}: use --attn=sdpa")
 
 
 def _unfused_add_layer_norm(layer_norm: Callable) -> Callable:
@@ -105,7 +129,7 @@ def naive_attention(q, k, v, dropout_p=0.0):
 def decode_mask(lengths, Tq, Tmax):
     """(B, 1, Tq, Tmax) bool, True where query i of row b (at position lengths[b] - Tq + i) may see key j.
     Built on the device from the lengths tensor: no .item(), the same shape every step (CUDA graphs)."""
-    q_pos = lengths.long()[:, None] - Tq + torch.arange(Tq, device=lengths.device)[None, :]
+    q_pos = query_positions(lengths, Tq)
     return (torch.arange(Tmax, device=lengths.device)[None, None, :] <= q_pos[:, :, None])[:, None]
 
 
@@ -168,18 +192,19 @@ def _triton_backend() -> Backend:
 
     return Backend(
         "triton", attention, kernels.layer_norm, kernels.gelu, add_layer_norm=kernels.add_layer_norm,
-        decode_attention=kernels.decode_attention, loss_head=loss_head,
+        decode_attention=kernels.decode_attention, loss_head=loss_head, runs_triton=True,
         description="handwritten Triton kernels: fused causal attention (FlashAttention-2), residual add + "
                     "LayerNorm, bias+GELU, split-K decode attention, linear + cross-entropy without the logits",
     )
 
 
-# naive and sdpa leave add_layer_norm out: `x + residual`, then their layer_norm
+REFERENCE = "naive"  # the backend every other one is checked against (tests/, bench/)
+
+# naive and sdpa leave add_layer_norm out (`x + residual`, then their layer_norm) and have no fused loss head
 register_backend("naive", lambda: Backend(
     "naive", naive_attention, naive_layer_norm, naive_gelu, decode_attention=naive_decode_attention,
-    loss_head=linear_loss_head, description="explicit tensor math: the reference"))
+    description="explicit tensor math: the reference"))
 register_backend("sdpa", lambda: Backend(
     "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, decode_attention=sdpa_decode_attention,
-    loss_head=linear_loss_head,
     description="F.scaled_dot_product_attention, F.layer_norm, F.gelu, F.linear + F.cross_entropy"))
 register_backend("triton", _triton_backend)

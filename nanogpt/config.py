@@ -15,11 +15,11 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
-from nanogpt.backends import available_backends, check_backend_name
+from nanogpt.backends import available_backends, check_backend_name, get_backend
 from nanogpt.data import dataset_dir
 from nanogpt.errors import ConfigError, UserError
 from nanogpt.generate import CONTEXT_MODES
-from nanogpt.model import GPTConfig
+from nanogpt.model import GPTConfig, model_args
 from nanogpt.pretrained import HUB_NAMES, check_block_size, is_pretrained_source
 from nanogpt.runtime import check_runtime
 
@@ -58,6 +58,8 @@ class TrainConfig:
     dropout: float = option(0.0, "dropout: 0 for pretraining, 0.1+ for fine-tuning")
     bias: bool = option(False, "bias in Linear and LayerNorm layers")
     attn: str = option("sdpa", "kernel backend (attention, LayerNorm, GELU): " + BACKENDS_HELP)
+    fused_loss_head: bool = option(True, "the backend's fused lm_head + cross-entropy where it has one (triton: "
+                                         "no logits in memory); False computes the logits as nanoGPT")
     # AdamW
     learning_rate: float = option(6e-4, "peak learning rate")
     max_iters: int = option(600000, "total optimizer steps")
@@ -227,8 +229,7 @@ def _positive(cfg, *keys, allow_zero=False):
 
 def check_model_shape(cfg):
     """The model's own checks (GPTConfig.__post_init__) on a config that carries its keys."""
-    GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-              bias=cfg.bias, dropout=cfg.dropout, attn=cfg.attn)
+    GPTConfig(**model_args(cfg))
 
 
 def check_init_from(init_from, block_size=None, allowed=("scratch", "resume")):
@@ -257,16 +258,7 @@ def validate_train(cfg: TrainConfig, world_size: int = 1):
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
         raise ConfigError("wandb_log=True needs the wandb package: pip install wandb (or use --wandb_log=False)")
     device = check_runtime(cfg.device, cfg.dtype, cfg.compile)
-    check_triton_device(cfg.attn, device)
-
-
-def check_triton_device(attn, device):
-    if attn != "triton" or device.split(":")[0] != "cpu":
-        return
-    from kernels._common import interpreting  # here: triton is imported only when the triton backend is chosen
-    if not interpreting():
-        raise ConfigError("attn=triton on the CPU runs only through Triton's interpreter: set "
-                          "TRITON_INTERPRET=1 (slow, for testing), or use a CUDA GPU or --attn=sdpa")
+    get_backend(cfg.attn).check_device(device)  # what the backend needs (triton: a GPU or the interpreter)
 
 
 def validate_sample(cfg: SampleConfig):

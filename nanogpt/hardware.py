@@ -42,10 +42,3 @@ def device_peak_flops(device) -> float | None:
         return None
     return gpu_peak_flops(torch.cuda.get_device_name(device))
 
-
-def device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

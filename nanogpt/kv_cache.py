@@ -5,10 +5,18 @@ step has the same shapes and the same buffer addresses every time, which is what
 and CUDA graphs need. Rows may hold different lengths (a ragged batch); the positions past a row's length are
 ignored by every decode attention (they are masked or never read).
 
-Imports nothing of the project (the model imports it).
+Imports nothing of the project (the model and the backends import it).
 """
 import torch
 import torch.nn as nn
+
+
+def query_positions(lengths: torch.Tensor, Tq: int) -> torch.Tensor:
+    """(B, Tq) int64: the positions of the Tq new tokens of each row, the last Tq of its lengths[b] valid ones
+    (lengths already counts them): lengths[b] - Tq + i. On the device, no .item(): the same shapes every step.
+    The one definition for the model (position embeddings), the cache (where keys go) and the backends' decode
+    masks; kernels/decode_attention.py keeps its own (kernels never import nanogpt)."""
+    return lengths.long()[:, None] - Tq + torch.arange(Tq, device=lengths.device)[None, :]
 
 
 class LayerKV(nn.Module):
@@ -32,8 +40,7 @@ class LayerKV(nn.Module):
         """The new tokens' keys and values, (B, H, Tq, D), at positions lengths[b] - Tq .. lengths[b] - 1 of row b
         (lengths already counts them). A scatter: per-row positions without leaving the device."""
         B, H, Tq, D = k.shape
-        positions = lengths.long()[:, None] - Tq + torch.arange(Tq, device=k.device)[None, :]  # (B, Tq)
-        index = positions[:, None, :, None].expand(B, H, Tq, D)
+        index = query_positions(lengths, Tq)[:, None, :, None].expand(B, H, Tq, D)
         self.k.scatter_(2, index, k.to(self.k.dtype))
         self.v.scatter_(2, index, v.to(self.v.dtype))
 
@@ -46,12 +53,9 @@ class KVCache(nn.Module):
         self.layers = nn.ModuleList(LayerKV(batch_size, n_head, max_len, head_dim, dtype, device)
                                     for _ in range(n_layer))
         self.register_buffer("lengths", torch.zeros(batch_size, dtype=torch.int32, device=device), persistent=False)
-        self.batch_size, self.max_len, self.dtype = batch_size, max_len, dtype
+        self.batch_size = batch_size
 
     def fits(self, batch_size, dtype, device):
         k = self.layers[0].k
         return self.batch_size == batch_size and k.dtype == dtype and k.device == torch.device(device)
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v))
 

@@ -6,13 +6,14 @@ from nanogpt.errors import CheckpointError
 from nanogpt.model import GPT, GPTConfig
 
 
-def model_from_checkpoint(ckpt: dict, source, attn=None, dropout=None) -> GPT:
-    """Build a GPT from a checkpoint; attn/dropout may be chosen anew, the shape may not."""
+def model_from_checkpoint(ckpt: dict, source, attn=None, dropout=None, fused_loss_head=None) -> GPT:
+    """Build a GPT from a checkpoint; attn/dropout/fused_loss_head may be chosen anew, the shape may not."""
     args = dict(ckpt["model_args"])
     if attn:
         args["attn"] = attn
-    if dropout is not None:
-        args["dropout"] = dropout
+    for key, value in (("dropout", dropout), ("fused_loss_head", fused_loss_head)):
+        if value is not None:
+            args[key] = value
     model = GPT(GPTConfig(**args))
     state_dict = clean_state_dict(ckpt["model"])
     try:
@@ -22,10 +23,11 @@ def model_from_checkpoint(ckpt: dict, source, attn=None, dropout=None) -> GPT:
     return model
 
 
-def model_from_pretrained(name_or_path, dropout=0.0, attn=None, block_size=None) -> GPT:
+def model_from_pretrained(name_or_path, dropout=0.0, attn=None, block_size=None, fused_loss_head=None) -> GPT:
     """GPT-2 weights (a hub name or a Hugging Face folder), cropped to block_size when that is smaller
     (config validation has already checked that it is not larger: pretrained.check_block_size)."""
-    model = GPT.from_pretrained(name_or_path, dict(dropout=dropout, **({"attn": attn} if attn else {})))
+    overrides = dict(dropout=dropout, attn=attn, fused_loss_head=fused_loss_head)
+    model = GPT.from_pretrained(name_or_path, {k: v for k, v in overrides.items() if v is not None and v != ""})
     if block_size is not None and block_size < model.config.block_size:
         model.crop_block_size(block_size)
     return model

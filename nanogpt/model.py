@@ -6,7 +6,7 @@ References:
 """
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,10 @@ from torch.nn import functional as F
 
 from nanogpt.backends import check_backend_name, get_backend, linear_loss_head
 from nanogpt.errors import ConfigError
-from nanogpt.kv_cache import KVCache
+from nanogpt.generate import generate
+from nanogpt.hardware import device_peak_flops
+from nanogpt.kv_cache import KVCache, query_positions
+from nanogpt.pretrained import load_gpt2
 
 
 @dataclass
@@ -28,6 +31,9 @@ class GPTConfig:
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     attn: str = "sdpa"  # kernel backend (attention, LayerNorm, GELU): naive | sdpa | triton (nanogpt/backends.py)
     gelu: str = "none"  # "none": exact erf GELU (nanoGPT); "tanh": the approximation GPT-2 was trained with
+    # model(idx, targets) with the backend's fused loss head where it has one (triton: the logits are never built,
+    # the memory win, and the model returns (None, loss)); False: nanoGPT's (logits, loss) with every backend
+    fused_loss_head: bool = True
 
     def __post_init__(self):
         # the model's own checks, in one place: the training and sampling configs build a GPTConfig to run them
@@ -37,6 +43,14 @@ class GPTConfig:
         check_backend_name(self.attn)  # an unknown name fails here, listing the known ones
         if self.gelu not in ("none", "tanh"):
             raise ConfigError(f"gelu={self.gelu!r}: choose 'none' (exact) or 'tanh'")
+
+
+def model_args(cfg, **overrides) -> dict:
+    """The GPTConfig keys that `cfg` (a TrainConfig, a BenchConfig, a GPTConfig, ...) carries, with their values,
+    then `overrides`: the keys come from GPTConfig itself, never from a hand-written list."""
+    args = {f.name: getattr(cfg, f.name) for f in fields(GPTConfig) if hasattr(cfg, f.name)}
+    args.update(overrides)
+    return args
 
 
 class LayerNorm(nn.Module):
@@ -137,7 +151,7 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
-        backend = get_backend(config.attn)
+        self.backend = backend = get_backend(config.attn)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -146,7 +160,9 @@ class GPT(nn.Module):
             ln_f=LayerNorm(config.n_embd, config.bias, backend),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.loss_head = backend.loss_head or linear_loss_head  # training's lm_head + cross-entropy
+        # training's lm_head + cross-entropy: the backend's fused head (no logits) if it has one and it is wanted
+        fused = backend.loss_head if config.fused_loss_head else None
+        self.loss_head = fused or linear_loss_head
         # weight tying (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
         self.kv_cache = None  # a KVCache once setup_kv_cache is called (sampling); never in the state_dict
@@ -173,6 +189,18 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def _embed(self, idx, pos=None, what="forward"):
+        """Token plus position embeddings (then dropout), for forward, prefill and decode. pos: (t,) or (b, t)
+        positions, default 0..t-1."""
+        t = idx.size(1)
+        if pos is None:
+            if t > self.config.block_size:
+                raise ValueError(f"cannot {what} a sequence of length {t}: block_size is only "
+                                 f"{self.config.block_size} (crop the context to the last {self.config.block_size} "
+                                 f"tokens)")
+            pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
     def _blocks(self, x, kv_layers=None, lengths=None):
         """The blocks, then ln_f. A block's MLP output stays pending until the next LayerNorm adds it to the residual
         stream (fused add + LayerNorm, see Block). kv_layers: the cache's layers (prefill, decode)."""
@@ -182,18 +210,11 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x) if pending is None else self.transformer.ln_f.add_and_norm(x, pending)[1]
 
     def forward(self, idx, targets=None):
-        b, t = idx.size()
-        if t > self.config.block_size:
-            raise ValueError(f"cannot forward a sequence of length {t}: block_size is only "
-                             f"{self.config.block_size} (crop the context to the last {self.config.block_size} tokens)")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
-
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        x = self._blocks(x)
+        x = self._blocks(self._embed(idx))
 
         if targets is not None:
-            # the backend's loss head: logits then cross-entropy, or (triton) a fused kernel that never builds
-            # the (b, t, vocab) logits and returns None for them
+            # the loss head: logits then cross-entropy, or (config.fused_loss_head with a backend that has one,
+            # triton) a fused kernel that never builds the (b, t, vocab) logits and returns None for them
             logits, loss = self.loss_head(x, self.lm_head.weight, targets, ignore_index=-1)
         else:
             # inference: only the last position's logits are needed (the list [-1] keeps the time dim)
@@ -221,7 +242,7 @@ class GPT(nn.Module):
         if self.kv_cache is None or self.kv_cache.batch_size != b:
             have = "none" if self.kv_cache is None else f"batch {self.kv_cache.batch_size}"
             raise ValueError(f"{what} of a batch of {b} needs model.setup_kv_cache({b}) first (the cache has {have})")
-        if self.transformer.h[0].attn.backend.decode_attention is None:
+        if self.backend.decode_attention is None:
             raise ValueError(f"attention backend {self.config.attn!r} has no decode attention: sample with "
                              f"use_cache=False or another backend")
 
@@ -231,12 +252,7 @@ class GPT(nn.Module):
         Returns the logits (B, 1, V) of each row's last valid token. Exactly the uncached forward's logits."""
         b, t = idx.size()
         self._check_cache(b, "prefill")
-        if t > self.config.block_size:
-            raise ValueError(f"cannot prefill a sequence of length {t}: block_size is only "
-                             f"{self.config.block_size} (crop the context to the last {self.config.block_size} tokens)")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        x = self._blocks(x, self.kv_cache.layers)
+        x = self._blocks(self._embed(idx, what="prefill"), self.kv_cache.layers)
         if lengths is None:
             self.kv_cache.lengths.fill_(t)
             return self.lm_head(x[:, [-1], :])
@@ -251,9 +267,7 @@ class GPT(nn.Module):
         b, t = idx.size()
         self._check_cache(b, "decode")
         lengths = self.kv_cache.lengths + t  # valid positions once the new tokens are in
-        pos = lengths.long()[:, None] - t + torch.arange(t, device=idx.device)[None, :]  # (B, Tq), per row
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        x = self._blocks(x, self.kv_cache.layers, lengths)
+        x = self._blocks(self._embed(idx, query_positions(lengths, t)), self.kv_cache.layers, lengths)
         self.kv_cache.lengths.copy_(lengths)
         return self.lm_head(x)
 
@@ -268,7 +282,6 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
         """nanoGPT's entry point. nanogpt/pretrained.py reads the files and never imports this module."""
-        from nanogpt.pretrained import load_gpt2
         return load_gpt2(lambda args: cls(GPTConfig(**args)), name_or_path, override_args)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -301,7 +314,6 @@ class GPT(nn.Module):
         comes from `peak_flops` when given, else from the table of known GPUs for the device the model
         is on. Returns None when the peak is unknown (a CPU, an unlisted GPU): never a silent guess.
         """
-        from nanogpt.hardware import device_peak_flops
         peak = peak_flops or device_peak_flops(next(self.parameters()).device)
         if not peak:
             return None
@@ -314,6 +326,5 @@ class GPT(nn.Module):
                  context="slide", generator=None):
         """nanoGPT's entry point: continue each sequence of idx (b, t) by max_new_tokens tokens.
         nanogpt/generate.py works on any model and never imports this module."""
-        from nanogpt.generate import generate
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         use_cache=use_cache, context=context, generator=generator)

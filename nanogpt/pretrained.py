@@ -16,7 +16,7 @@ from nanogpt.errors import ConfigError, PretrainedError
 # the OpenAI GPT-2 sizes on the Hugging Face hub; all of them have 1024 positions
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-OVERRIDABLE = ("dropout", "attn")
+OVERRIDABLE = ("dropout", "attn", "fused_loss_head")  # how the model runs, not its shape
 HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 HUB_POSITIONS = 1024
 

@@ -49,6 +49,7 @@ def run_sample(cfg, out=print):
         model = model_from_checkpoint(ckpt, path, attn=cfg.attn or None, dropout=0.0)
     else:
         model = model_from_pretrained(cfg.init_from, dropout=0.0, attn=cfg.attn or None)
+    model.backend.check_device(device)  # the backend is known only now (attn="" keeps the checkpoint's)
     model.eval().to(device)
     raw_model = model  # compiling happens inside generate(): the prefill and decode steps, each on its own
     vocab_size = raw_model.config.vocab_size

@@ -15,17 +15,14 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt.checkpoint import (OutDirLock, check_model_args, load_checkpoint, rng_state, save_checkpoint,
-                                set_rng_state)
+from nanogpt.checkpoint import OutDirLock, check_model_args, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from nanogpt.config import TrainConfig, validate_train
 from nanogpt.data import BatchLoader, dataset_dir, load_meta
 from nanogpt.errors import CheckpointError, TrainingDiverged
 from nanogpt.loading import model_from_checkpoint, model_from_pretrained
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.model import GPT, GPTConfig, model_args
 from nanogpt.pretrained import resolve_folder
 from nanogpt.runtime import setup_runtime
-
-MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout", "attn", "gelu")
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -156,17 +153,11 @@ class Trainer:
             import torch.distributed as dist
             dist.barrier()
 
-    def _model_args(self):
-        cfg = self.cfg
-        return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                    bias=cfg.bias, vocab_size=None, dropout=cfg.dropout, attn=cfg.attn)
-
     def _init_model(self):
         cfg = self.cfg
         ckpt = None
         if cfg.init_from == "scratch":
-            args = self._model_args()
-            args["vocab_size"] = self.meta_vocab_size or 50304
+            args = model_args(cfg, vocab_size=self.meta_vocab_size or 50304)
             if self.master:
                 vocab_from = "meta.pkl" if self.meta_vocab_size else "GPT-2's 50257 padded to 50304"
                 self.log(f"initializing a new model from scratch (vocab_size {args['vocab_size']} from {vocab_from})")
@@ -180,11 +171,12 @@ class Trainer:
                                       f"but dataset {cfg.dataset} has {self.meta_vocab_size}: resume it on its own "
                                       f"dataset or start a new out_dir")
             check_model_args(ckpt["model_args"], {k: getattr(cfg, k) for k in ("block_size",)}, path)
-            self.model = model_from_checkpoint(ckpt, path, attn=cfg.attn, dropout=cfg.dropout)
+            self.model = model_from_checkpoint(ckpt, path, attn=cfg.attn, dropout=cfg.dropout,
+                                               fused_loss_head=cfg.fused_loss_head)
         else:  # validate_train has checked the name and that block_size fits its positions
             self.log(f"initializing from OpenAI GPT-2 weights: {cfg.init_from}")
             self.model = model_from_pretrained(cfg.init_from, dropout=cfg.dropout, attn=cfg.attn,
-                                               block_size=cfg.block_size)
+                                               block_size=cfg.block_size, fused_loss_head=cfg.fused_loss_head)
         return ckpt
 
     def _restore_training_state(self, ckpt):
@@ -225,7 +217,7 @@ class Trainer:
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "model_args": {k: getattr(self.raw_model.config, k) for k in MODEL_ARG_KEYS},
+            "model_args": asdict(self.raw_model.config),  # every GPTConfig key
             "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss,
             "config": asdict(self.cfg),

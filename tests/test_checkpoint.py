@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from helpers import ROOT
-from nanogpt.checkpoint import (CheckpointError, OutDirLock, clean_state_dict, load_checkpoint, rng_state,
-                                save_checkpoint, set_rng_state)
+from nanogpt.checkpoint import (
+    CheckpointError,
+    OutDirLock,
+    clean_state_dict,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from nanogpt.errors import OutDirInUse
 
 WRITER = """

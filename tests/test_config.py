@@ -4,8 +4,15 @@ import sys
 import pytest
 
 from helpers import ROOT
-from nanogpt.config import (ConfigError, SampleConfig, TrainConfig, help_text, parse_args, validate_sample,
-                            validate_train)
+from nanogpt.config import (
+    ConfigError,
+    SampleConfig,
+    TrainConfig,
+    help_text,
+    parse_args,
+    validate_sample,
+    validate_train,
+)
 
 
 def write(tmp_path, text, name="cfg.py"):

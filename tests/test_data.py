@@ -233,7 +233,7 @@ def test_dataset_names_are_plain_folder_names(name, data_dir):
 
 
 def test_bad_dataset_name_from_the_command_line_and_a_config_file(tmp_path):
-    from nanogpt.config import parse_args, TrainConfig, validate_train
+    from nanogpt.config import TrainConfig, parse_args, validate_train
     config_file = tmp_path / "cfg.py"
     config_file.write_text("dataset = '/tmp/somewhere'\n")
     for argv in (["--dataset=../x", "--device=cpu"], [str(config_file), "--device=cpu"]):

@@ -1,12 +1,13 @@
-"""Generation through the model's KV cache: prefill + decode steps against the uncached forward, the three
-backends' decode attentions against each other, the two context modes past block_size, the compiled step; temperature, top-k, top-p; seeds."""
+"""Generation through the model's KV cache: prefill + decode steps against the uncached forward, every
+backend's decode attention against the reference's, the two context modes past block_size, the compiled step; temperature, top-k, top-p; seeds."""
 import pytest
 import torch
 
+from nanogpt.backends import REFERENCE, available_backends
 from nanogpt.generate import generate, model_steps, sample_next
 from nanogpt.model import GPT, GPTConfig
 
-BACKENDS = ["naive", "sdpa", "triton"]
+BACKENDS = available_backends()
 
 
 def tiny_model(attn="sdpa", block_size=24, n_layer=2):
@@ -47,13 +48,13 @@ def test_ragged_prefill_and_decode_match_the_full_forward(attn):
 
 @pytest.mark.parametrize("prompt_len", [1, 10])  # block_size 12: 10 + 6 new tokens cross it
 def test_backends_decode_the_same_tokens(prompt_len):
-    """naive, sdpa and triton give the same greedy tokens, in both context modes (shift: 20 tokens, 2 shifts)."""
+    """Every backend gives the reference's greedy tokens, in both context modes (shift: 20 tokens, 2 shifts)."""
     idx = tokens(2, prompt_len)
     for context, n in (("slide", 6), ("shift", 20)):
         results = {attn: generate(tiny_model(attn, block_size=12, n_layer=1), idx, n, top_k=1, context=context)
                    for attn in BACKENDS}
-        assert torch.equal(results["naive"], results["sdpa"]) and torch.equal(results["naive"], results["triton"]), \
-            context
+        for attn in BACKENDS:
+            assert torch.equal(results[attn], results[REFERENCE]), (attn, context)
 
 
 @pytest.mark.parametrize("attn", BACKENDS)

@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from helpers import DEVICE, attention_reference
-from kernels.testing import TOLERANCE as TOLERANCES, relative_error
 from kernels import attention
 from kernels.attention import dropout_mask, last_seed_of
+from kernels.testing import relative_error, tolerance
 
 attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is also the function
 
 SHAPES = [(1, 1, 1, 16), (2, 3, 7, 32), (1, 2, 100, 48), (2, 2, 128, 64), (1, 1, 257, 80), (1, 2, 64, 128),
           (1, 1, 33, 96)]
-TOLERANCE = TOLERANCES["matmul"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
@@ -33,7 +32,7 @@ def check(q, k, v, causal, dtype, **kwargs):
     o = attention(q, k, v, causal=causal, **{k_: v_ for k_, v_ in kwargs.items() if k_ != "keep"})
     assert o.dtype == dtype and o.shape == q.shape
     o_ref = reference(q, k, v, causal, kwargs.get("scale"), kwargs.get("keep"), kwargs.get("dropout_p", 0.0))
-    tol = TOLERANCE[dtype]
+    tol = tolerance(dtype, "matmul")
     assert relative_error(o, o_ref) <= tol, "output"
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), do)

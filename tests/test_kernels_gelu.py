@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE
-from kernels.testing import REDUCTION_FACTOR, TOLERANCE as TOLERANCES, relative_error
 from kernels import gelu
+from kernels.testing import relative_error, tolerance
 
 gelu_module = importlib.import_module("kernels.gelu")  # the module: `kernels.gelu` is the function
 
-TOLERANCE = TOLERANCES["pointwise"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -31,7 +30,7 @@ def test_forward_and_gradients(shape, approximate, bias, dtype):
     y = gelu(x, b, approximate=approximate)
     u = x.double() + (b.double() if bias else 0.0)
     y_ref = F.gelu(u, approximate=approximate)
-    tol = TOLERANCE[dtype]
+    tol = tolerance(dtype)
     assert y.dtype == dtype
     assert relative_error(y, y_ref) <= tol
     flat = y.detach().double().reshape(-1, shape[-1])
@@ -39,7 +38,7 @@ def test_forward_and_gradients(shape, approximate, bias, dtype):
     dy = torch.randn_like(y)
     inputs = [x] + ([b] if bias else [])
     for g, g_ref in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy.double())):
-        assert relative_error(g, g_ref) <= tol * REDUCTION_FACTOR
+        assert relative_error(g, g_ref) <= tolerance(dtype, reduction=True)
 
 
 @pytest.mark.parametrize("tiles", ["interpreter_tiles", "gpu_tiles"])
@@ -56,13 +55,13 @@ def test_fused_dbias_under_both_tilings(shape, approximate, tiles, monkeypatch):
     b = torch.randn(shape[-1], dtype=torch.float32, device=DEVICE, requires_grad=True)
     y = gelu(x, b, approximate)
     y_ref = F.gelu(x.double() + b.double(), approximate=approximate)
-    assert relative_error(y, y_ref) <= TOLERANCE[torch.float16]
+    assert relative_error(y, y_ref) <= tolerance(torch.float16)
     dy = torch.randn_like(y)
     dx, db = torch.autograd.grad(y, (x, b), dy)
     dx_ref, db_ref = torch.autograd.grad(y_ref, (x, b), dy.double())
     assert db.dtype == torch.float32 and dx.dtype == torch.float16
-    assert relative_error(dx, dx_ref) <= TOLERANCE[torch.float16] * REDUCTION_FACTOR
-    assert relative_error(db, db_ref) <= TOLERANCE[torch.float16] * REDUCTION_FACTOR
+    assert relative_error(dx, dx_ref) <= tolerance(torch.float16, reduction=True)
+    assert relative_error(db, db_ref) <= tolerance(torch.float16, reduction=True)
 
 
 def test_non_contiguous_input():

@@ -1,9 +1,13 @@
 """nanogpt/model.py: the GPT's shape checks, weights, parameter count, cropping, optimizer groups."""
+from dataclasses import asdict, fields
+
 import pytest
 import torch
 
 from helpers import TINY_MODEL as TINY
-from nanogpt.model import GPT, GPTConfig
+from nanogpt.backends import get_backend
+from nanogpt.config import TrainConfig
+from nanogpt.model import GPT, GPTConfig, model_args
 
 
 @pytest.mark.parametrize("attn", ["naive", "sdpa"])
@@ -67,3 +71,13 @@ def test_configure_optimizers_decays_only_matrices():
 def test_n_embd_must_divide_by_n_head():
     with pytest.raises(ValueError, match="n_embd=100 is not divisible by n_head=3"):
         GPTConfig(n_embd=100, n_head=3)
+
+
+def test_model_args_come_from_gptconfig():
+    """The model keys of a training/bench config are GPTConfig's own fields (no hand-written list): a key added to
+    GPTConfig and to TrainConfig reaches the model, and the checkpoint's model_args hold every field."""
+    args = model_args(TrainConfig(n_layer=3, n_head=2, n_embd=32, attn="naive", fused_loss_head=False), vocab_size=50)
+    assert set(args) <= {f.name for f in fields(GPTConfig)}
+    assert args["n_layer"] == 3 and args["vocab_size"] == 50 and args["fused_loss_head"] is False
+    model = GPT(GPTConfig(**args))
+    assert model.backend is get_backend("naive") and set(asdict(model.config)) == {f.name for f in fields(GPTConfig)}

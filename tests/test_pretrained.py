@@ -9,6 +9,7 @@ import torch
 
 from helpers import ROOT
 from kernels.testing import relative_error
+from nanogpt.backends import available_backends
 from nanogpt.model import GPT
 from nanogpt.pretrained import PretrainedError
 
@@ -26,7 +27,7 @@ def hf_folder(request, tmp_path_factory):
     return folder, model
 
 
-@pytest.mark.parametrize("attn", ["naive", "sdpa", "triton"])
+@pytest.mark.parametrize("attn", available_backends())
 def test_logits_match_transformers(hf_folder, attn):
     folder, hf_model = hf_folder
     model = GPT.from_pretrained(str(folder), dict(attn=attn)).eval()
@@ -42,7 +43,7 @@ def test_logits_match_transformers(hf_folder, attn):
 def test_only_dropout_and_attn_may_be_overridden(hf_folder):
     folder, _ = hf_folder
     assert GPT.from_pretrained(str(folder), dict(dropout=0.1)).config.dropout == 0.1
-    with pytest.raises(PretrainedError, match="only dropout, attn may be overridden for pretrained weights, not n_layer"):
+    with pytest.raises(PretrainedError, match="only dropout, attn, fused_loss_head may be overridden for pretrained weights, not n_layer"):
         GPT.from_pretrained(str(folder), dict(n_layer=3))
 
 
@@ -70,8 +71,8 @@ def test_hub_name_offline_says_the_hub_cannot_be_reached(tmp_path, monkeypatch):
 def test_finetune_and_sample_from_a_local_folder(hf_folder, data_dir, tmp_path):
     """train.py --init_from=<folder> with a cropped block, then sample.py from its checkpoint and the folder."""
     folder, _ = hf_folder
-    from nanogpt.data import prepare_bpe
     from helpers import SAMPLE_TEXT
+    from nanogpt.data import prepare_bpe
     prepare_bpe(SAMPLE_TEXT, data_dir / "shakespeare")
     env = {**os.environ, "NANOGPT_DATA": str(data_dir)}
     out = tmp_path / "ft"

@@ -11,8 +11,8 @@ import torch
 
 from helpers import ROOT, run, run_command, tiny_config
 from nanogpt.checkpoint import load_checkpoint
-from nanogpt.errors import CheckpointError
 from nanogpt.config import TrainConfig
+from nanogpt.errors import CheckpointError
 from nanogpt.trainer import Trainer, TrainingDiverged, get_lr
 
 

@@ -11,8 +11,8 @@ import torch
 
 from helpers import ROOT
 from nanogpt.checkpoint import load_checkpoint
-from nanogpt.loading import model_from_checkpoint
 from nanogpt.data import BatchLoader
+from nanogpt.loading import model_from_checkpoint
 
 pytestmark = pytest.mark.slow
 
