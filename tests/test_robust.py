@@ -347,8 +347,8 @@ def test_corrupted_checkpoints_are_one_line(case, sample_out, tmp_path, monkeypa
         path.mkdir()
     before = digest(path) if path.is_file() else None
     for main, extra in ((sample_cli.main, ["--max_new_tokens=2", "--num_samples=1"]),
-                        (train_cli.main, TINY[1:] + ["--init_from=resume", "--dataset=tiny_char",
-                                                     "--max_iters=40", "--n_layer=1"])):
+                        (train_cli.main, ["--init_from=resume", "--dataset=tiny_char", "--max_iters=40",
+                                          "--batch_size=2", "--gradient_accumulation_steps=1", "--eval_iters=1"])):
         code, err = cli(main, [f"--out_dir={out}", "--device=cpu"] + extra, capsys)
         if name == "no optimizer" and main is sample_cli.main:
             assert code == 0, err  # weights alone are enough to sample
