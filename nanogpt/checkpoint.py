@@ -173,7 +173,8 @@ def _check_fields(ckpt, path) -> None:
 
 def all_finite(tensors) -> bool:
     """Whether every floating-point tensor is free of NaN and Inf: one max-abs reduction per (device, dtype) group
-    (torch._foreach_norm, as clip_grad_norm_ uses; a NaN propagates through the max) and one host sync per group (usually one)."""
+    (torch._foreach_norm, as clip_grad_norm_ uses; a NaN propagates through the max), one host sync per group
+    (usually one)."""
     groups = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():

@@ -322,7 +322,6 @@ def _check_vocabulary(meta, path) -> dict:
     if vocab_size != len(itos) or set(itos) != set(range(vocab_size)):
         raise _not_a_vocabulary(path, f"vocab_size {vocab_size} but itos holds {len(itos)} tokens: every id "
                                       f"0..vocab_size-1 needs its string")
-    meta["path"] = str(path)  # for messages: which of meta.json / meta.pkl it came from
     return meta
 
 
@@ -360,6 +359,14 @@ def _read_meta_json(path: Path) -> dict | None:
     meta = {"vocab_size": saved.get("vocab_size", len(chars)), "itos": dict(enumerate(chars)),
             "stoi": {c: i for i, c in enumerate(chars)}}
     return _check_vocabulary(meta, path)
+
+
+def vocabulary_file(data_dir: Path) -> Path | None:
+    """The file load_meta reads the vocabulary from (for messages), or None."""
+    json_path, pkl_path = Path(data_dir) / "meta.json", Path(data_dir) / "meta.pkl"
+    if json_path.is_file() and "itos" in _read_json(json_path):
+        return json_path
+    return pkl_path if pkl_path.exists() else None
 
 
 def load_meta(data_dir: Path) -> dict | None:

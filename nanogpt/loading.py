@@ -44,7 +44,8 @@ def model_from_checkpoint(ckpt: dict, source, attn=None, dropout=None) -> GPT:
 
 
 def _state_dict_problem(error, limit=300) -> str:
-    """torch's "Error(s) in loading state_dict for GPT:" is followed by the details on other lines: keep them, on one."""
+    """torch's "Error(s) in loading state_dict for GPT:" is followed by the details on other lines: keep them, on
+    one."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = " ".join(lines[1:]) or (lines[0] if lines else type(error).__name__)
     return detail if len(detail) <= limit else detail[:limit] + "..."

@@ -10,7 +10,7 @@ import torch
 
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import SampleConfig
-from nanogpt.data import dataset_dir, gpt2_encoding, load_meta
+from nanogpt.data import dataset_dir, gpt2_encoding, load_meta, vocabulary_file
 from nanogpt.errors import ConfigError, DataError
 
 GPT2_VOCAB_SIZE = 50257
@@ -29,9 +29,9 @@ def load_codec(ckpt, vocab_size=None):
     folder = dataset_dir(dataset, "the checkpoint's config.dataset") if dataset else None
     meta = load_meta(folder) if folder is not None else None
     if meta is not None and vocab_size is not None and meta["vocab_size"] != vocab_size:
-        raise DataError(f"{meta['path']} holds a vocabulary of {meta['vocab_size']} tokens, but the model has "
-                        f"{vocab_size}: it is another dataset's vocabulary (put back the dataset the model was "
-                        f"trained on, or point NANOGPT_DATA at the folder that holds it)")
+        raise DataError(f"{vocabulary_file(folder)} holds a vocabulary of {meta['vocab_size']} tokens, but the "
+                        f"model has {vocab_size}: it is another dataset's vocabulary (put back the dataset the model "
+                        f"was trained on, or point NANOGPT_DATA at the folder that holds it)")
     if meta is None and vocab_size is not None and vocab_size < GPT2_VOCAB_SIZE:
         where = f"in {folder}" if folder is not None else "(the checkpoint names no dataset)"
         raise DataError(f"the model has a {vocab_size}-token vocabulary, not GPT-2's, and no meta.json or meta.pkl "

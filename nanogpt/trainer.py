@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanogpt.checkpoint import (OutDirLock, all_finite, first_line, load_checkpoint, rng_state,
                                 save_checkpoint, set_rng_state, state_tensors)
 from nanogpt.config import TrainConfig, explicit_keys, validate_train
-from nanogpt.data import BatchLoader, dataset_dir, load_meta
+from nanogpt.data import BatchLoader, dataset_dir, load_meta, vocabulary_file
 from nanogpt.errors import CheckpointError, TrainingDiverged
 from nanogpt.loading import model_from_checkpoint, model_from_pretrained
 from nanogpt.model import GPT, GPTConfig
@@ -127,7 +127,7 @@ class Trainer:
         self._ensure_dataset()
         meta = load_meta(self.data_dir)
         self.meta_vocab_size = meta["vocab_size"] if meta else None
-        self.meta_name = Path(meta["path"]).name if meta else None
+        self.meta_name = vocabulary_file(self.data_dir).name if meta else None
 
         self.iter_num = 0
         self.best_val_loss = float("inf")
