@@ -6,6 +6,7 @@
 
 Prints ms/iter, tokens/s and MFU (nanoGPT's estimate_mfu convention; n/a where the device's peak is unknown).
 """
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,9 @@ def run(cfg):
         except OSError as e:
             raise ConfigError(f"could not write the profiler trace {cfg.profile_file}: {e.strerror} (choose a "
                               f"writable --profile_file)") from None
+        if not os.path.isfile(cfg.profile_file):  # some torch versions log the failure instead of raising
+            raise ConfigError(f"the profiler trace {cfg.profile_file} was not written (choose a writable "
+                              f"--profile_file)")
         print(f"wrote profiler trace to {cfg.profile_file}")
     return 0
 
