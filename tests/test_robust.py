@@ -268,7 +268,7 @@ def test_bench_command_line_fuzz(args, data_dir, tmp_path, monkeypatch, capsys):
 ])
 def test_train_bad_values_are_one_line(argv, fragment, char_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    one_error(*cli(train_cli.main, TINY + [f"--out_dir={tmp_path / 'o'}"] + argv, capsys), fragment)
+    one_error(*cli(train_cli.main, TINY + [f"--out_dir={tmp_path / 'o'}", "--max_iters=2"] + argv, capsys), fragment)
     assert not (tmp_path / "ckpt.pt").exists()
 
 
