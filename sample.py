@@ -9,7 +9,7 @@ Every key and its default: python sample.py --help
 import sys
 
 from nanogpt.config import SampleConfig, cli_config, exit_with_error, validate_sample
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, out_of_memory
 from nanogpt.sampling import run_sample
 
 
@@ -20,6 +20,8 @@ def main(argv):
         run_sample(cfg)
     except UserError as e:  # bad config, checkpoint, data, prompt, pretrained weights: one line, exit 2
         exit_with_error(e)
+    except (MemoryError, RuntimeError) as e:  # too large for this machine: one line; a bug re-raises
+        exit_with_error(out_of_memory(e))
     return 0
 
 

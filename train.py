@@ -10,7 +10,7 @@ Every key and its default: python train.py --help
 import sys
 
 from nanogpt.config import TrainConfig, cli_config, exit_with_error
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, out_of_memory
 from nanogpt.trainer import Trainer
 
 
@@ -24,6 +24,8 @@ def main(argv):
             trainer.close()
     except UserError as e:  # bad config, data, checkpoint, pretrained weights, a diverged loss: one line, exit 2
         exit_with_error(e)
+    except (MemoryError, RuntimeError) as e:  # too large for this machine: one line; a bug re-raises
+        exit_with_error(out_of_memory(e))
     return 0
 
 

@@ -6,6 +6,7 @@
 
 Prints ms/iter, tokens/s and MFU (nanoGPT's estimate_mfu convention; n/a where the device's peak is unknown).
 """
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,9 +14,19 @@ from dataclasses import dataclass, field
 import torch
 
 from nanogpt.backends import get_backend
-from nanogpt.config import ConfigError, TrainConfig, check_model_shape, cli_config, exit_with_error, option
+from nanogpt.config import (
+    ConfigError,
+    TrainConfig,
+    check_model_memory,
+    check_model_shape,
+    check_seed,
+    check_writable_file,
+    cli_config,
+    exit_with_error,
+    option,
+)
 from nanogpt.data import BatchLoader, dataset_dir
-from nanogpt.errors import UserError
+from nanogpt.errors import UserError, out_of_memory
 from nanogpt.model import GPT, GPTConfig, model_args
 from nanogpt.runtime import check_runtime, setup_runtime
 
@@ -52,9 +63,18 @@ class BenchConfig:
 
 
 def validate(cfg):
+    for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_size", "num_steps"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be > 0")
+    if cfg.warmup_steps < 0 or cfg.peak_flops < 0:
+        raise ConfigError(f"warmup_steps={cfg.warmup_steps} and peak_flops={cfg.peak_flops} must be >= 0")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout={cfg.dropout} must be in [0, 1)")
+    check_seed(cfg.seed)
     check_model_shape(cfg)
-    if cfg.num_steps <= 0:
-        raise ConfigError(f"num_steps={cfg.num_steps} must be > 0")
+    check_model_memory(cfg, cfg.vocab_size)
+    if cfg.profile:
+        check_writable_file(cfg.profile_file, "profile_file")
     if cfg.real_data:
         dataset_dir(cfg.dataset)
     device = check_runtime(cfg.device, cfg.dtype, cfg.compile)
@@ -67,6 +87,8 @@ def main(argv):
         return run(cfg)
     except UserError as e:  # e.g. --real_data=True on a dataset that is not prepared: one line, exit 2
         exit_with_error(e)
+    except (MemoryError, RuntimeError) as e:  # a model or batch too large for this machine: one line too
+        exit_with_error(out_of_memory(e))
 
 
 def run(cfg):
@@ -120,7 +142,14 @@ def run(cfg):
             for _ in range(3):
                 step()
             sync()
-        prof.export_chrome_trace(cfg.profile_file)
+        try:
+            prof.export_chrome_trace(cfg.profile_file)
+        except OSError as e:
+            raise ConfigError(f"could not write the profiler trace {cfg.profile_file}: {e.strerror} (choose a "
+                              f"writable --profile_file)") from None
+        if not os.path.isfile(cfg.profile_file):  # some torch versions log the failure instead of raising
+            raise ConfigError(f"the profiler trace {cfg.profile_file} was not written (choose a writable "
+                              f"--profile_file)")
         print(f"wrote profiler trace to {cfg.profile_file}")
     return 0
 

@@ -41,6 +41,12 @@ def load_rows(data):
     return rows
 
 
+def _what_is_wrong(error):
+    if isinstance(error, KeyError) and error.args and error.args[0] == "stats":
+        return "a benchmark row has no stats"
+    return f"{type(error).__name__}: {error}"
+
+
 def label(row):
     parts = [row.get("backend", row["name"])]
     if row.get("kind") == "train_step":
@@ -140,10 +146,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     src = Path(args.results)
     if not src.is_file():
-        print(f"error: {src} does not exist", file=sys.stderr)
+        print(f"error: {src} does not exist or is not a file (give the JSON written by --benchmark-json)",
+              file=sys.stderr)
         return 2
-    data = json.loads(src.read_text())
-    rows = load_rows(data)
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        print(f"error: {src} is not JSON ({type(e).__name__}: {e}): give the file written by "
+              f"pytest bench/ --benchmark --benchmark-json={src}", file=sys.stderr)
+        return 2
+    try:
+        rows = load_rows(data)
+    except (AttributeError, TypeError, KeyError) as e:
+        print(f"error: {src} is not a pytest-benchmark JSON ({_what_is_wrong(e)}): give the file written by "
+              f"pytest bench/ --benchmark --benchmark-json={src}", file=sys.stderr)
+        return 2
     if not rows:
         print(f"error: {src} holds no benchmark rows (was it written with --benchmark?)", file=sys.stderr)
         return 2

@@ -35,8 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (DTYPE_NAMES, LOG2E, PRECISION, block_d_of, check_device, check_qkv, interpreting,
-                             launch_case)
+from kernels._common import (
+    DTYPE_NAMES,
+    LOG2E,
+    PRECISION,
+    block_d_of,
+    check_device,
+    check_qkv,
+    interpreting,
+    launch_case,
+)
 
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
 

@@ -20,8 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (DTYPE_NAMES, autocast_dtype, check_device, check_float, interpreting, launch_case,
-                             num_programs_hint, warps_for)
+from kernels._common import (
+    DTYPE_NAMES,
+    autocast_dtype,
+    check_device,
+    check_float,
+    interpreting,
+    launch_case,
+    num_programs_hint,
+    warps_for,
+)
 
 
 @triton.jit

@@ -41,8 +41,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (DTYPE_NAMES, LOG2E, PRECISION, autocast_dtype, check_device, check_float, interpreting,
-                             launch_case, num_programs_hint)
+from kernels._common import (
+    DTYPE_NAMES,
+    LOG2E,
+    PRECISION,
+    autocast_dtype,
+    check_device,
+    check_float,
+    interpreting,
+    launch_case,
+    num_programs_hint,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 # the dlogits chunk of the backward holds at most CHUNK_WEIGHTS * V * C elements (and at least one tile column)

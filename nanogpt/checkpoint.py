@@ -7,6 +7,7 @@ to continue exactly where it stopped.
 """
 import fcntl
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -112,14 +113,86 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: train first (python train.py ... --out_dir={path.parent}) "
                               f"or point --out_dir at the folder that holds ckpt.pt")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file (a checkpoint is the file ckpt.pt written by train.py): point "
+                              f"--out_dir at the folder that holds it")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, a file that is not a checkpoint, pickled code
-        raise CheckpointError(f"{path} is not a readable nanogpt checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            # torch's message goes on to suggest weights_only=False: the very thing that would run the code
+            raise CheckpointError(f"{path} is not a readable nanogpt checkpoint: it holds pickled objects other than "
+                                  f"tensors and plain data (they may run code "
+                                  f"when unpickled), so it was not loaded: use a checkpoint written by train.py, or "
+                                  f"re-save this one as a plain state dict where you trust it") from None
+        raise _unreadable(path, e) from None
+    except Exception as e:  # empty, truncated zip, a file that is not a checkpoint
+        raise _unreadable(path, e) from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        raise CheckpointError(f"{path} is not a nanogpt checkpoint: it lacks {', '.join(REQUIRED_KEYS)}")
+        raise CheckpointError(f"{path} is not a nanogpt checkpoint: it lacks {', '.join(REQUIRED_KEYS)} (use a "
+                              f"ckpt.pt written by train.py)")
+    _check_fields(ckpt, path)
     return ckpt
+
+
+def first_line(error: BaseException, limit=200) -> str:
+    """`Type: first line of the message` (some exceptions have an empty message)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__
+
+
+def _unreadable(path, error) -> CheckpointError:
+    size = path.stat().st_size if path.exists() else 0
+    what = "it is empty" if size == 0 else first_line(error)
+    return CheckpointError(f"{path} is not a readable nanogpt checkpoint ({what}): it was not loaded; resume from "
+                           f"another copy, or train anew in another --out_dir")
+
+
+def _check_fields(ckpt, path) -> None:
+    """The types a checkpoint's fields must have, checked before anything uses them (a checkpoint may be edited
+    or come from elsewhere): one line naming the field instead of a traceback deep inside model building."""
+    def bad(field, expected):
+        value = ckpt[field]
+        return CheckpointError(f"{path}: field {field!r} is {type(value).__name__}, not {expected}: this is not a "
+                               f"checkpoint written by train.py (use another copy, or train anew)")
+    if not isinstance(ckpt["model"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        raise bad("model", "a dict of parameter names to tensors")
+    if not isinstance(ckpt["model_args"], dict) or not all(isinstance(k, str) for k in ckpt["model_args"]):
+        raise bad("model_args", "a dict of model settings")
+    for field, types_, expected in (("optimizer", dict, "a dict"), ("scaler", (dict, type(None)), "a dict"),
+                                    ("iter_num", int, "an int"), ("best_val_loss", (int, float), "a number"),
+                                    ("config", dict, "a dict"), ("rng", dict, "a dict"),
+                                    ("sampler", torch.Tensor, "a tensor")):
+        if field in ckpt and (not isinstance(ckpt[field], types_) or isinstance(ckpt[field], bool)):
+            raise bad(field, expected)
+    if isinstance(ckpt.get("iter_num"), int) and ckpt["iter_num"] < 0:
+        raise CheckpointError(f"{path}: iter_num={ckpt['iter_num']} is negative: not a checkpoint written by "
+                              f"train.py (use another copy, or train anew)")
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor is free of NaN and Inf: one max-abs reduction per (device, dtype) group
+    (torch._foreach_norm, as clip_grad_norm_ uses; a NaN propagates through the max), one host sync per group
+    (usually one)."""
+    groups = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    return all(bool(torch.stack(torch._foreach_norm(group, float("inf"))).isfinite().all())
+               for group in groups.values())
+
+
+def state_tensors(obj):
+    """Every tensor inside nested dicts, lists and tuples (a state dict, an optimizer's state)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from state_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from state_tensors(v)
 
 
 def clean_state_dict(state_dict: dict) -> dict:
@@ -130,13 +203,6 @@ def clean_state_dict(state_dict: dict) -> dict:
             k = k.split(".", 1)[1]
         out[k] = v
     return out
-
-
-def check_model_args(ckpt_args: dict, expected: dict, source) -> None:
-    """Name every model setting in which the checkpoint differs from what the caller needs."""
-    diffs = [f"{k}: checkpoint {ckpt_args.get(k)!r} vs {v!r}" for k, v in expected.items() if ckpt_args.get(k) != v]
-    if diffs:
-        raise CheckpointError(f"{source} does not fit this model/data ({'; '.join(diffs)})")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ type; `validate_*` holds the remaining checks, so that bad input fails in one li
 import ast
 import difflib
 import importlib.util
+import math
 import os
 import sys
+import traceback
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -24,6 +26,7 @@ from nanogpt.pretrained import HUB_NAMES, check_block_size, is_pretrained_source
 from nanogpt.runtime import check_runtime
 
 BACKENDS_HELP = " | ".join(available_backends())
+MIN_TEMPERATURE = 1e-6  # logits / temperature stays finite in float32 for |logits| < 3e32
 PRETRAINED_HELP = " | ".join(HUB_NAMES) + " | a local HF folder"
 
 
@@ -42,6 +45,7 @@ class TrainConfig:
     eval_only: bool = option(False, "evaluate once and exit")
     always_save_checkpoint: bool = option(True, "save at every evaluation, not only when val loss improves")
     init_from: str = option("scratch", "scratch | resume | " + PRETRAINED_HELP)
+    overwrite: bool = option(False, "let a new run (not resume) replace out_dir's checkpoint (moved aside first)")
     # wandb logging
     wandb_log: bool = option(False, "log to Weights & Biases (pip install wandb)")
     wandb_project: str = option("owt", "wandb project")
@@ -115,6 +119,10 @@ def _field_types(cls):
 
 def _coerce(key, raw, expected, source):
     """Check that `raw` (already a Python value) fits the type of `key`; return the value to store."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ConfigError(f"{source}: {key}={raw} is not a finite number (give a finite value)")
+    if isinstance(raw, int) and not isinstance(raw, bool) and not -2**63 <= raw < 2**63:
+        raise ConfigError(f"{source}: {key}={raw} does not fit in 64 bits (give a value below 2**63)")
     allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
     for t in allowed:
         if t is type(None) and raw is None:
@@ -132,6 +140,8 @@ def _coerce(key, raw, expected, source):
 
 
 def _parse_literal(text):
+    if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(text)  # not literals, but meant as numbers: rejected as non-finite, not as a string
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -150,9 +160,21 @@ def load_config_file(path, cls):
         raise ConfigError(f"config file {path!r} does not exist (config files live in config/, e.g. "
                           f"config/train_shakespeare_char.py)")
     namespace = {"__file__": os.path.abspath(path)}
-    with open(path) as f:
-        code = compile(f.read(), path, "exec")
-    exec(code, namespace)  # config files are trusted Python, as in nanoGPT
+    try:
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path!r} line {e.lineno}: {e.msg} (a config file holds Python assignments, "
+                          f"e.g. batch_size = 12)") from None
+    except (OSError, ValueError) as e:  # unreadable, or a NUL byte in the source
+        raise ConfigError(f"config file {path!r} cannot be read ({type(e).__name__}: {e}): fix or replace it") from None
+    try:
+        exec(code, namespace)  # config files are trusted Python, as in nanoGPT
+    except Exception as e:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise ConfigError(f"config file {path!r} line {line} raised {type(e).__name__}: {e} (fix that line)") from None
     known = _field_types(cls)
     values = {}
     for key, value in namespace.items():
@@ -182,7 +204,18 @@ def parse_args(cls, argv):
         if expected is str and not isinstance(raw, str):
             raw = text  # --out_dir=123 or --start=None mean the text itself
         values[key] = _coerce(key, raw, expected, "command line")
-    return cls(**values)
+    cfg = cls(**values)
+    cfg._explicit = frozenset(values)  # what the user set: a resumed model's shape may only be confirmed by it
+    return cfg
+
+
+def explicit_keys(cfg) -> frozenset:
+    """The keys set by a config file or the command line; for a config built in code, those not at their
+    default."""
+    explicit = getattr(cfg, "_explicit", None)
+    if explicit is not None:
+        return explicit
+    return frozenset(f.name for f in fields(cfg) if f.default is MISSING or getattr(cfg, f.name) != f.default)
 
 
 def help_text(cls, usage):
@@ -196,6 +229,9 @@ def help_text(cls, usage):
 
 def cli_config(cls, argv, usage, validate=None):
     """Parse (and validate) for a command line: --help prints the keys, an error prints one line and exits 2."""
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 argument (a surrogate escape) is printed, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(cls, usage))
         sys.exit(0)
@@ -235,6 +271,8 @@ def check_model_shape(cfg):
 def check_init_from(init_from, block_size=None, allowed=("scratch", "resume")):
     if init_from in allowed:
         return
+    if not init_from.strip():
+        raise ConfigError(f"init_from is empty: choose {', '.join(allowed)}, a GPT-2 name or a folder")
     if not is_pretrained_source(init_from):
         raise ConfigError(f"init_from={init_from!r} is neither {', '.join(allowed)}, one of "
                           f"{', '.join(HUB_NAMES)} nor an existing folder")
@@ -242,7 +280,60 @@ def check_init_from(init_from, block_size=None, allowed=("scratch", "resume")):
         check_block_size(block_size, init_from)
 
 
+def _machine_memory() -> int:
+    """Bytes of host memory, or of the largest GPU if larger (0 where unknown)."""
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        host = 0
+    import torch
+    gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return max([host, *gpus])
+
+
+def check_model_memory(cfg, vocab_size=50304, batch_size=None):
+    """Refuse sizes far beyond this machine (4x its memory) before building anything: an absurd n_layer or n_embd
+    would otherwise spend minutes allocating, or hang, before running out of memory. A rough count: weights,
+    gradients and two AdamW moments in float32, and the activations of one micro-batch."""
+    L, C, T = cfg.n_layer, cfg.n_embd, cfg.block_size
+    B = batch_size if batch_size is not None else getattr(cfg, "batch_size", 1)
+    params = 12 * L * C * C + (vocab_size + T) * C
+    need = 16 * params + 4 * B * T * (16 * L * C + vocab_size)
+    memory = _machine_memory()
+    if memory and need > 4 * memory:
+        raise ConfigError(f"n_layer={L}, n_embd={C}, block_size={T}, batch_size={B} need about {need / 2**30:,.0f} "
+                          f"GiB, far more than this machine's {memory / 2**30:,.0f} GiB: choose smaller values")
+
+
+def check_writable_file(path, key):
+    """A file the run will write at its end: fail now, not after the work, if it cannot be."""
+    folder = os.path.dirname(os.path.abspath(path)) if path else ""
+    if not path or os.path.isdir(path):
+        raise ConfigError(f"{key}={path!r} is not a file name (e.g. --{key}=trace.json)")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or (os.path.exists(path)
+                                                                        and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{key}={path!r} cannot be written here (missing folder or no permission): choose a "
+                          f"writable place")
+
+
+def check_out_dir(out_dir):
+    if not out_dir.strip():
+        raise ConfigError("out_dir is empty: name the folder for checkpoints (e.g. --out_dir=out)")
+
+
+def check_seed(seed):
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"seed={seed} must be in [0, 2**63) (e.g. --seed=1337)")
+
+
 def validate_train(cfg: TrainConfig, world_size: int = 1):
+    check_out_dir(cfg.out_dir)
+    check_seed(cfg.seed)
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1) (AdamW's default: --beta1=0.9 "
+                              f"--beta2=0.95)")
     _positive(cfg, "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
               "block_size", "n_layer", "n_head", "n_embd", "learning_rate", "ddp_timeout")
     _positive(cfg, "max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "grad_clip",
@@ -250,6 +341,7 @@ def validate_train(cfg: TrainConfig, world_size: int = 1):
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"dropout={cfg.dropout} must be in [0, 1)")
     check_model_shape(cfg)
+    check_model_memory(cfg)
     dataset_dir(cfg.dataset)  # a plain folder name under the data root
     check_init_from(cfg.init_from, cfg.block_size)
     if cfg.gradient_accumulation_steps % world_size:
@@ -264,9 +356,19 @@ def validate_train(cfg: TrainConfig, world_size: int = 1):
 def validate_sample(cfg: SampleConfig):
     if cfg.start == "":
         raise ConfigError("start is empty: give a prompt (--start='ROMEO:') or FILE:path")
-    if cfg.start.startswith("FILE:") and not os.path.isfile(cfg.start[5:]):
-        raise ConfigError(f"start={cfg.start!r}: the prompt file {cfg.start[5:]!r} does not exist")
+    if cfg.start.startswith("FILE:"):
+        prompt = cfg.start[5:]
+        if not os.path.exists(prompt):
+            raise ConfigError(f"start={cfg.start!r}: the prompt file {prompt!r} does not exist")
+        if os.path.isdir(prompt):
+            raise ConfigError(f"start={cfg.start!r}: {prompt!r} is a folder (give a text file)")
+    if cfg.init_from == "resume":
+        check_out_dir(cfg.out_dir)
+    check_seed(cfg.seed)
     _positive(cfg, "num_samples", "max_new_tokens", "temperature")
+    if cfg.temperature < MIN_TEMPERATURE:
+        raise ConfigError(f"temperature={cfg.temperature} is below {MIN_TEMPERATURE}: the logits divided by it "
+                          f"overflow (use --temperature={MIN_TEMPERATURE} or --top_k=1 for greedy decoding)")
     _positive(cfg, "top_k", allow_zero=True)
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]")

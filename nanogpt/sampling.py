@@ -10,19 +10,33 @@ import torch
 
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.config import SampleConfig
-from nanogpt.data import dataset_dir, gpt2_encoding, load_meta
-from nanogpt.errors import ConfigError
+from nanogpt.data import dataset_dir, gpt2_encoding, load_meta, vocabulary_file
+from nanogpt.errors import ConfigError, DataError
+
+GPT2_VOCAB_SIZE = 50257
 from nanogpt.generate import bytes_read, generate
 from nanogpt.loading import model_from_checkpoint, model_from_pretrained
 from nanogpt.runtime import setup_runtime
 
 
-def load_codec(ckpt):
-    """(encode, decode): the dataset's character vocabulary when it has meta.pkl, else GPT-2 BPE."""
+def load_codec(ckpt, vocab_size=None):
+    """(encode, decode): the dataset's character vocabulary when it has meta.json/meta.pkl, else GPT-2 BPE. A model
+    whose vocabulary is smaller than GPT-2's cannot be a BPE model: without its vocabulary file, it is an error
+    (not a silent fall-back to BPE whose ids it does not have)."""
     config = (ckpt or {}).get("config")
     dataset = config.get("dataset") if isinstance(config, dict) else None
     # a checkpoint may come from anywhere: its dataset name is checked like one typed on the command line
-    meta = load_meta(dataset_dir(dataset, "the checkpoint's config.dataset")) if dataset else None
+    folder = dataset_dir(dataset, "the checkpoint's config.dataset") if dataset else None
+    meta = load_meta(folder) if folder is not None else None
+    if meta is not None and vocab_size is not None and meta["vocab_size"] != vocab_size:
+        raise DataError(f"{vocabulary_file(folder)} holds a vocabulary of {meta['vocab_size']} tokens, but the "
+                        f"model has {vocab_size}: it is another dataset's vocabulary (put back the dataset the model "
+                        f"was trained on, or point NANOGPT_DATA at the folder that holds it)")
+    if meta is None and vocab_size is not None and vocab_size < GPT2_VOCAB_SIZE:
+        where = f"in {folder}" if folder is not None else "(the checkpoint names no dataset)"
+        raise DataError(f"the model has a {vocab_size}-token vocabulary, not GPT-2's, and no meta.json or meta.pkl "
+                        f"was found {where}: put back the dataset folder it was trained on, or point NANOGPT_DATA "
+                        f"at the folder that holds it")
     if meta is not None:
         stoi, itos = meta["stoi"], meta["itos"]
 
@@ -59,10 +73,10 @@ def run_sample(cfg, out=print):
     elif top_k > vocab_size:
         raise ConfigError(f"top_k={cfg.top_k} is larger than the vocabulary ({vocab_size} tokens): "
                           f"use --top_k={vocab_size} or less (0 disables it)")
-    encode, decode = load_codec(ckpt)
+    encode, decode = load_codec(ckpt, vocab_size if ckpt is not None else None)
     start = cfg.start
     if start.startswith("FILE:"):
-        start = Path(start[5:]).read_text(encoding="utf-8")
+        start = read_prompt(start[5:])
     start_ids = encode(start)
     if not start_ids:
         raise ConfigError("the prompt encodes to no tokens: give a non-empty prompt")
@@ -74,6 +88,10 @@ def run_sample(cfg, out=print):
     x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...].repeat(cfg.num_samples, 1)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.no_grad(), rt.autocast:
+        if cfg.compile:  # compile the prefill and decode steps here, outside the timed part (its own generator)
+            generate(model, x, min(2, cfg.max_new_tokens), temperature=cfg.temperature, top_k=top_k or None,
+                     top_p=cfg.top_p, use_cache=cfg.use_cache, context=cfg.context, compile=True,
+                     generator=torch.Generator(device=device).manual_seed(cfg.seed))
         rt.synchronize()
         t0 = time.perf_counter()
         stats = {}
@@ -100,6 +118,19 @@ def run_sample(cfg, out=print):
                  f"({roofline:,.0f} GB/s)")
     out(line)
     return samples
+
+
+def read_prompt(path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"the prompt file {path!r} is not UTF-8 text (byte {e.start}): convert it, e.g. "
+                          f"iconv -t UTF-8 {path} > prompt.txt") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the prompt file {path!r}: {e.strerror} (give a readable text file)") from None
+    if not text:
+        raise ConfigError(f"the prompt file {path!r} is empty: give a file with the prompt's text")
+    return text
 
 
 def copy_bandwidth(device, nbytes=2**28, reps=10):

@@ -6,6 +6,7 @@ DDP:             torchrun --standalone --nproc_per_node=8 train.py config/train_
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -15,14 +16,25 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanogpt.checkpoint import OutDirLock, check_model_args, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from nanogpt.config import TrainConfig, validate_train
-from nanogpt.data import BatchLoader, dataset_dir, load_meta
+from nanogpt.checkpoint import (
+    OutDirLock,
+    all_finite,
+    first_line,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_tensors,
+)
+from nanogpt.config import TrainConfig, explicit_keys, validate_train
+from nanogpt.data import BatchLoader, dataset_dir, load_meta, vocabulary_file
 from nanogpt.errors import CheckpointError, TrainingDiverged
 from nanogpt.loading import model_from_checkpoint, model_from_pretrained
 from nanogpt.model import GPT, GPTConfig, model_args
 from nanogpt.pretrained import resolve_folder
 from nanogpt.runtime import setup_runtime
+
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # a resumed model's, from its checkpoint
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -58,6 +70,11 @@ class _StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame):
+        if self.signum is not None:  # the second one: the user does not want to wait for the step to finish
+            self.uninstall()
+            print(f"error: {signal.Signals(signum).name} again: exiting now without saving (the checkpoint on disk "
+                  f"is the last one written; resume from it with --init_from=resume)", file=sys.stderr)
+            raise SystemExit(130)
         self.signum = signum
 
 
@@ -75,15 +92,36 @@ class Trainer:
         # one training run per out_dir, before any work: rank 0 holds the lock for the job (eval_only writes nothing)
         self._out_dir_lock = OutDirLock(self.out_dir).acquire() if self.master and not cfg.eval_only else None
         try:
+            if self.master and not cfg.eval_only and cfg.init_from != "resume":
+                self._keep_existing_checkpoints()
             self._build()
         except BaseException:
             self._release_out_dir()
             raise
 
+    def _keep_existing_checkpoints(self):
+        """A new run (scratch or GPT-2 weights) in an out_dir that holds another run's checkpoint would overwrite
+        it at its first save: refuse, unless --overwrite=True, which first moves the old files aside."""
+        existing = [p for p in (self.out_dir / "ckpt.pt", self.out_dir / "best.pt") if p.exists()]
+        if not existing:
+            return
+        if not self.cfg.overwrite:
+            raise CheckpointError(f"{existing[0]} exists: --init_from={self.cfg.init_from} would overwrite it; "
+                                  f"continue it with --init_from=resume, choose another --out_dir, or pass "
+                                  f"--overwrite=True (moves the old checkpoint aside first)")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path in existing:
+            aside = path.with_name(f"{path.stem}.{stamp}.{os.getpid()}.old.pt")
+            try:
+                os.replace(path, aside)
+            except OSError as e:
+                raise CheckpointError(f"could not move {path} aside: {e.strerror} (fix the permissions of "
+                                      f"{self.out_dir}, or choose another --out_dir)") from None
+            self.log(f"--overwrite=True: moved the old {path.name} to {aside}")
+
     def _build(self):
         cfg = self.cfg
         self.grad_accum = cfg.gradient_accumulation_steps // self.world_size
-        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
 
         # different dropout per rank; batches have their own stream
         rt = setup_runtime(self.device if self.ddp else cfg.device, cfg.dtype, seed=cfg.seed + self.rank)
@@ -96,10 +134,12 @@ class Trainer:
         self._ensure_dataset()
         meta = load_meta(self.data_dir)
         self.meta_vocab_size = meta["vocab_size"] if meta else None
+        self.meta_name = vocabulary_file(self.data_dir).name if meta else None
 
         self.iter_num = 0
         self.best_val_loss = float("inf")
         ckpt = self._init_model()
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size  # block_size: final
         self.loader = BatchLoader(self.data_dir, cfg.block_size, cfg.batch_size, self.device, seed=cfg.seed,
                                   rank=self.rank, world_size=self.world_size, vocab_size=self.model.config.vocab_size)
         self.model.to(self.device)
@@ -143,9 +183,10 @@ class Trainer:
         if self.cfg.dataset not in ("shakespeare_char", "shakespeare"):
             return  # BatchLoader names the command that prepares it
         if self.master:
-            from nanogpt.data import prepare
-            self.log(f"dataset {self.cfg.dataset} not found in {self.data_dir.parent}: preparing it now")
-            prepare(self.cfg.dataset, root=self.data_dir.parent)
+            from nanogpt.data import prepare_once
+            prepare_once(self.cfg.dataset, root=self.data_dir.parent,
+                         log=lambda: self.log(f"dataset {self.cfg.dataset} not found in {self.data_dir.parent}: "
+                                              f"preparing it now"))
         self._barrier()
 
     def _barrier(self):
@@ -159,18 +200,18 @@ class Trainer:
         if cfg.init_from == "scratch":
             args = model_args(cfg, vocab_size=self.meta_vocab_size or 50304)
             if self.master:
-                vocab_from = "meta.pkl" if self.meta_vocab_size else "GPT-2's 50257 padded to 50304"
+                vocab_from = self.meta_name if self.meta_vocab_size else "GPT-2's 50257 padded to 50304"
                 self.log(f"initializing a new model from scratch (vocab_size {args['vocab_size']} from {vocab_from})")
             self.model = GPT(GPTConfig(**args))
         elif cfg.init_from == "resume":
             path = self.out_dir / "ckpt.pt"
             self.log(f"resuming training from {path}")
             ckpt = load_checkpoint(path)
+            self._adopt_checkpoint_shape(ckpt["model_args"], path)
             if self.meta_vocab_size is not None and ckpt["model_args"].get("vocab_size") != self.meta_vocab_size:
                 raise CheckpointError(f"{path} was trained with vocab_size {ckpt['model_args'].get('vocab_size')}, "
                                       f"but dataset {cfg.dataset} has {self.meta_vocab_size}: resume it on its own "
                                       f"dataset or start a new out_dir")
-            check_model_args(ckpt["model_args"], {k: getattr(cfg, k) for k in ("block_size",)}, path)
             self.model = model_from_checkpoint(ckpt, path, attn=cfg.attn, dropout=cfg.dropout,
                                                fused_loss_head=cfg.fused_loss_head)
         else:  # validate_train has checked the name and that block_size fits its positions
@@ -179,18 +220,44 @@ class Trainer:
                                                block_size=cfg.block_size, fused_loss_head=cfg.fused_loss_head)
         return ckpt
 
+    def _adopt_checkpoint_shape(self, ckpt_args, path):
+        """nanoGPT's resume: the model's shape comes from the checkpoint. A shape key set explicitly (command line,
+        config file) to another value is an error naming both; an unset one takes the checkpoint's value, so that
+        the config saved with the next checkpoint describes the model it holds."""
+        cfg = self.cfg
+        explicit = explicit_keys(cfg)
+        conflicts = [f"{k}: checkpoint {ckpt_args[k]!r} vs --{k}={getattr(cfg, k)!r}" for k in SHAPE_KEYS
+                     if k in ckpt_args and k in explicit and ckpt_args[k] != getattr(cfg, k)]
+        if conflicts:
+            raise CheckpointError(f"{path} holds a model of another shape than the config asks for "
+                                  f"({'; '.join(conflicts)}): a resumed model keeps its shape; drop these keys, or "
+                                  f"start a new --out_dir")
+        for k in SHAPE_KEYS:
+            if k in ckpt_args:
+                setattr(cfg, k, ckpt_args[k])
+
     def _restore_training_state(self, ckpt):
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
+        path = self.out_dir / "ckpt.pt"
+        missing = [k for k in ("optimizer", "iter_num", "best_val_loss") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}: it holds weights only, not a training state "
+                                  f"to resume (sample from it, or start a new run in another --out_dir)")
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            if "rng" in ckpt:
+                set_rng_state(ckpt["rng"])  # rank 0's streams: exact resume for a single process
+            if "sampler" in ckpt:
+                self.loader.set_state(ckpt["sampler"])
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: its optimizer or random state does not fit this model "
+                                  f"({first_line(e)}): use another copy, or start a new run in another "
+                                  f"--out_dir") from None
         self.iter_num = ckpt["iter_num"]
         self.best_val_loss = ckpt["best_val_loss"]
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])  # rank 0's streams: exact resume for a single process
-            if self.rank:  # other ranks: fresh dropout streams of their own
-                torch.manual_seed(self.cfg.seed + self.rank + 7919 * self.iter_num)
-        if "sampler" in ckpt:
-            self.loader.set_state(ckpt["sampler"])
+        if "rng" in ckpt and self.rank:  # other ranks: fresh dropout streams of their own
+            torch.manual_seed(self.cfg.seed + self.rank + 7919 * self.iter_num)
 
     # ------------------------------------------------------------------------------------------
     # evaluation, checkpoints
@@ -226,8 +293,15 @@ class Trainer:
         }
 
     def save(self, *names):
-        """Write the current state once gathered to each of names (default ckpt.pt); return the first path."""
+        """Write the current state once gathered to each of names (default ckpt.pt); return the first path.
+        Only a finite state is written: weights or optimizer moments that became NaN/Inf between two logged
+        losses would otherwise replace the last good checkpoint."""
         state = self.checkpoint_state()
+        if not all_finite(state_tensors((state["model"], state["optimizer"]))):
+            raise TrainingDiverged(
+                f"the weights or optimizer state became NaN/Inf by iteration {self.iter_num - 1}: not saved, the "
+                f"checkpoints in {self.out_dir} are from before it (lower --learning_rate, raise --warmup_iters, "
+                f"or use --dtype=bfloat16/float32)")
         paths = [self.out_dir / name for name in (names or ("ckpt.pt",))]
         for path in paths:
             self.log(f"saving checkpoint to {path}")
@@ -281,7 +355,7 @@ class Trainer:
         saved_at = None
         while True:
             lr = self._set_learning_rate()
-            if self.iter_num % cfg.eval_interval == 0 and self.master:
+            if (self.iter_num % cfg.eval_interval == 0 or cfg.eval_only) and self.master:
                 if self._evaluate_and_checkpoint(lr):
                     saved_at = self.iter_num
             if cfg.eval_only:
