@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -360,6 +361,9 @@ def main(argv=None):
         device, arch = "cpu (plan)", "cpu"
         extra_env = {"TRITON_INTERPRET": "1"}
     else:
+        if not shutil.which("nvidia-smi") and not Path("/dev/nvidia0").exists():
+            error("no NVIDIA GPU on this machine (no nvidia-smi, no /dev/nvidia0): scripts/gpu.sh needs one; on a CPU "
+                  "run bash scripts/gpu.sh --plan or bash scripts/test.sh")
         found = probe_device(args.python)
         if found is None:
             error(f"{args.python} sees no CUDA GPU: scripts/gpu.sh needs one (on a CPU: bash scripts/gpu.sh --plan, "

@@ -651,7 +651,8 @@ def step_inspect(rec):
         rec.missing("inspect.flagged", f"kernels.inspect knows no {arch} (it knows {', '.join(ARCHS)})")
         return
     json_path = rec.out / f"inspect-{arch}.json"
-    cmd = [sys.executable, "-m", "kernels.inspect", "--arch", arch, "--jobs", str(1 if rec.plan else min(16, os.cpu_count() or 1)),
+    jobs = 1 if rec.plan else min(16, os.cpu_count() or 1)
+    cmd = [sys.executable, "-m", "kernels.inspect", "--arch", arch, "--jobs", str(jobs),
            "--json", str(json_path), "--markdown", str(rec.out / f"inspect-{arch}.md"), *select]
     print("$ " + " ".join(cmd[1:]), flush=True)
     rc = subprocess.call(cmd, cwd=ROOT)
