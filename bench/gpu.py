@@ -213,6 +213,8 @@ def summary_rows(results, plan=False, left_out=(), brief=False):
             else:
                 figure = _fmt(m["value"], m.get("unit", ""))
                 verdict = ("not judged (plan)" if plan else goal_verdict(goal, m["value"])) if goal else "info"
+                if goal and not plan and r["status"] != "passed":
+                    verdict += f" (partial: step {r['status']})"  # e.g. counts of a step cut at its cap
             rows.append((r["step"], m.get("label", m["key"]), figure, goal.text if goal else "-", verdict))
     for goal in GOALS:
         if goal.key in seen:

@@ -95,12 +95,15 @@ def test_summary_holds_each_measure_against_its_goal():
             {"key": "attention.fwd_bwd.gpt2.vs_cudnn", "value": None, "why": "not available: no cuDNN"},
             {"key": "attention.fwd.gpt2.triton", "value": 300.0, "unit": "TFLOP/s", "label": "triton fwd"}]},
         {"step": "train", "status": "skipped", "why": "its cap of 180 s exceeds the 20 s left", "measures": []},
+        {"step": "correctness", "status": "timed out", "why": "killed at its cap of 110 s", "measures": [
+            {"key": "correctness.failed", "value": 0, "unit": "cases", "label": "failed cases"}]},
     ]
     rows = {r[1]: r for r in summary_rows(results)}
     assert rows["ratio"][2:] == ("1.05x", GOALS[2].text, "pass")
     assert rows["fwd ratio"][4] == "short"
     assert rows["attention.fwd_bwd.gpt2.vs_cudnn"][4] == "not measured (not available: no cuDNN)"
     assert rows["triton fwd"][4] == "info"
+    assert rows["failed cases"][4] == "pass (partial: step timed out)"
     assert rows["train.tokens_per_s.triton_vs_sdpa"][4] == "not measured (its cap of 180 s exceeds the 20 s left)"
     assert rows["decode.b1.triton_vs_sdpa"][4] == "not measured (not run yet)"
     assert "triton fwd" not in {r[1] for r in summary_rows(results, brief=True)}  # not a headline
