@@ -22,6 +22,7 @@ def _gpu_sh(*args, timeout=600):
                           text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_plan_runs_every_step(tmp_path):
     out = tmp_path / "verdict"
     r = _gpu_sh("--plan", "--out", str(out))
