@@ -240,7 +240,7 @@ def summary_markdown(header, results, budget_s, plan=False, left_out=()):
     for r in results:
         status = r["status"] + (f" ({r['why']})" if r.get("why") else "")
         lines.append(f"| {r['step']} | {status} | {r.get('seconds', 0):.0f} | {r.get('cap', '-')} |")
-    lines += ["", f"budget {budget_s} s"]
+    lines += ["", f"budget {budget_s:g} s"]
     for title, brief in (("Verdict", True), ("All measures", False)):
         lines += ["", f"## {title}", "", "| step | measure | figure | goal | verdict |", "|---|---|---|---|---|"]
         for row in summary_rows(results, plan, left_out, brief):
