@@ -320,11 +320,11 @@ def _step_list(text, option):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="bash scripts/gpu.sh", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="results folder (default bench/results/<device>-<date>/; --plan: a temp folder)")
-    p.add_argument("--budget", default=str(DEFAULT_BUDGET_S),
+    p.add_argument("--out", metavar="DIR", help="results folder (default bench/results/<device>-<date>/; --plan: a temp folder)")
+    p.add_argument("--budget", metavar="SECONDS", default=str(DEFAULT_BUDGET_S),
                    help=f"seconds for the whole run, compiling included (default {DEFAULT_BUDGET_S})")
-    p.add_argument("--only", help=f"run only these steps, comma-separated: {','.join(STEP_NAMES)}")
-    p.add_argument("--skip", help="leave these steps out, comma-separated")
+    p.add_argument("--only", metavar="STEP,...", help=f"run only these steps, comma-separated: {','.join(STEP_NAMES)}")
+    p.add_argument("--skip", metavar="STEP,...", help="leave these steps out, comma-separated")
     p.add_argument("--plan", action="store_true", help="CPU: every step's code at toy sizes (CI)")
     p.add_argument("--python", default=os.environ.get("PYTHON", sys.executable),
                    help="the interpreter that runs the steps (default: this one, or $PYTHON)")
