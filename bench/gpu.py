@@ -349,10 +349,10 @@ def probe_device(python):
         r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if r.returncode != 0:
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or len(lines) < 2:
         return None
-    name, arch = r.stdout.strip().splitlines()[-2:]
-    return name, arch
+    return lines[-2], lines[-1]
 
 
 def main(argv=None):
