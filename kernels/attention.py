@@ -503,9 +503,13 @@ def _t_bucket(Tq, Tk):
     return triton.next_power_of_2(max(Tq, Tk))
 
 
-def _tma_scratch(size: int, alignment: int, stream):
-    """Global memory for the tensor descriptors the kernels build on the device (128 bytes each)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+def _tma_scratch(device):
+    """Triton's allocator for the tensor descriptors the kernels build on the device (128 bytes each), on the
+    inputs' device: "cuda" would mean the current device, which is not theirs under DDP when the current device
+    was never set, nor on a call with tensors on another GPU."""
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+    return allocate
 
 
 def _use_tma(*tensors) -> bool:
@@ -518,7 +522,7 @@ def _use_tma(*tensors) -> bool:
              for t in tensors)
     if ok:
         # set at every launch: the allocator is a context variable, and autograd runs backward in its own thread
-        triton.set_allocator(_tma_scratch)
+        triton.set_allocator(_tma_scratch(t0.device))
     return ok
 
 

@@ -6,14 +6,15 @@ supplies the figure for a device this table lacks.
 """
 import torch
 
-# substring of torch.cuda.get_device_name() -> dense bf16 FLOP/s. More specific names first.
+# substring of torch.cuda.get_device_name() -> dense bf16 FLOP/s. More specific names first: the first key found in
+# the name wins, so a key that contains another (GH200 contains H200) must come before it (tests/test_hardware.py).
 GPU_PEAK_BF16_FLOPS = [
+    ("GH200", 989.4e12),  # before "H200", which its name contains
     ("H200", 989.4e12),
     ("H100 PCIe", 756.5e12),
     ("H100 NVL", 835.0e12),
     ("H100", 989.4e12),  # SXM
     ("H800", 989.4e12),
-    ("GH200", 989.4e12),
     ("B200", 2250e12),
     ("A100", 312e12),
     ("A800", 312e12),
