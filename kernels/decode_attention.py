@@ -287,6 +287,7 @@ def inspect_cases() -> list[dict]:
                 "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]},
                 "config": dict(cfg),
                 "problem": {"dtype": dtype, "head_dim": d, "queries": tq},
+                "loops": [],  # no tl.dot (scores by broadcast and sum): the cost model reports its loop unnamed
             })
             if tq == 1 or dtype == "bf16":
                 cases.append({

@@ -46,6 +46,8 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from kernels import cost_model
+
 # the kernel modules, each with an inspect_cases(): a new module joins here
 MODULES = ["kernels.attention", "kernels.decode_attention", "kernels.layer_norm", "kernels.gelu",
            "kernels.linear_cross_entropy"]
@@ -59,7 +61,7 @@ ARCHS = {
                   threads_per_sm=2048, ctas_per_sm=32),
 }
 ROW_KEYS = ("id", "kernel", "config", "arch", "problem", "registers", "spill_bytes", "shared_bytes", "mma", "tma",
-            "ctas_per_sm")
+            "ctas_per_sm", "cost")
 
 _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "i8", "int32": "i32",
                  "int64": "i64"}
@@ -150,12 +152,16 @@ def _cuobjdump():
     return found
 
 
-def resource_usage(cubin: bytes):
-    """(registers, stack bytes) of the cubin's one kernel, from `cuobjdump -res-usage`."""
+def _cuobjdump_text(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes):
+    """(registers, stack bytes) of the cubin's one kernel, from `cuobjdump -res-usage`."""
+    out = _cuobjdump_text(cubin, "-res-usage")
     match = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if not match:
         raise RuntimeError(f"cannot read cuobjdump's resource usage: {out[-500:]}")
@@ -195,18 +201,21 @@ def compile_case(case, arch, dump=None):
     compiled = triton.compile(source, target=target, options=options)
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     registers, stack = resource_usage(cubin)
+    sass = _cuobjdump_text(cubin, "-sass")
     shared = int(compiled.metadata.shared)
     num_warps = compiled.metadata.num_warps
     row_id = case_id(case, arch)
     if dump:
         Path(dump, f"{row_id}.cubin").write_bytes(cubin)
         Path(dump, f"{row_id}.ptx").write_text(ptx)
+        Path(dump, f"{row_id}.sass").write_text(sass)
     config = dict(case["config"])
     config.setdefault("num_warps", num_warps)
     config.setdefault("num_stages", compiled.metadata.num_stages)
     return {"id": row_id, "kernel": case["kernel"], "config": config, "arch": arch, "problem": case["problem"],
             "registers": registers, "spill_bytes": stack, "shared_bytes": shared, "mma": mma_kind(ptx),
-            "tma": "cp.async.bulk.tensor" in ptx, "ctas_per_sm": ctas_per_sm(arch, registers, shared, num_warps)}
+            "tma": "cp.async.bulk.tensor" in ptx, "ctas_per_sm": ctas_per_sm(arch, registers, shared, num_warps),
+            "cost": cost_model.loop_costs(sass, arch, num_warps, case.get("loops"))}
 
 
 _WORKER_CASES = None
@@ -291,13 +300,51 @@ def table(rows, markdown=False):
         body.append([r["kernel"], _fmt_problem(r["problem"]), _fmt_config(r["config"]), str(r["registers"]),
                      str(r["spill_bytes"]), f"{r['shared_bytes'] / 1024:.1f}", r["mma"], "yes" if r["tma"] else "no",
                      str(r["ctas_per_sm"]), "; ".join(problems_of(r))])
+    return _render(header, body, markdown)
+
+
+def _render(header, body, markdown):
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-        return "\n".join(lines)
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def loops_table(rows, markdown=False):
+    """The static cost model, one line per innermost loop of each row (kernels/cost_model.py says what it counts
+    and what it ignores), then a line per row with its warp-instructions per 128x64 tile and any note."""
+    header = ["kernel", "problem", "config", "loop", "instr/iter", "classes per iteration", "MMA issued/needed",
+              "TC cyc", "SFU cyc", "issue cyc", "bound", "warp-instr/128x64"]
+    body = []
+    for r in rows:
+        cost = r.get("cost")
+        if not cost:
+            continue
+        first = [r["kernel"], _fmt_problem(r["problem"]), _fmt_config(r["config"])]
+        for c in cost["loops"]:
+            name = (c["name"] or "(undescribed)") + (" (masked)" if c["masked"] else "")
+            ratio = f"{c['issued_over_needed']:.2f}" if c["issued_over_needed"] is not None else "-"
+            per_tile = f"{c['warp_instr_per_tile']:.0f}" if c["warp_instr_per_tile"] is not None else "-"
+            body.append(first + [f"{name} {c['start']}-{c['end']}", str(c["instructions"]),
+                                 cost_model.class_summary(c), ratio, f"{c['cycles']['tensor']:.0f}",
+                                 f"{c['cycles']['sfu']:.0f}", f"{c['cycles']['issue']:.0f}", c["bound"], per_tile])
+            first = ["", "", ""]
+        total = cost["warp_instr_per_tile"]
+        if total is not None or cost["note"] or not cost["loops"]:
+            body.append(first + ["= per 128x64 tile, unmasked loops" if total is not None else "",
+                                 "", cost["note"] or ("no loop" if not cost["loops"] else ""), "", "", "", "", "",
+                                 f"{total:.0f}" if total is not None else "-"])
+    return _render(header, body, markdown)
+
+
+def duplicated_work(row, tolerance=0.01):
+    """The described loops of a row whose MMAs issue more FLOPs than the loop needs (the warps compute a tile
+    twice): [(loop name, issued / needed)]."""
+    cost = row.get("cost") or {"loops": []}
+    return [(c["name"], c["issued_over_needed"]) for c in cost["loops"]
+            if c["issued_over_needed"] is not None and c["issued_over_needed"] > 1 + tolerance]
 
 
 def summary(rows):
@@ -317,7 +364,21 @@ def markdown_report(rows, args, argv):
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}",
         "- columns: registers per thread; spill bytes (the stack frame); shared memory; the MMA instructions in the "
         "PTX; TMA loads; theoretical CTAs per SM; note: why the row is flagged (spills, dots off wgmma, limits)",
-        f"- {summary(rows)}", "", table(rows, markdown=True)])
+        f"- {summary(rows)}", "", table(rows, markdown=True)]
+        + (["", "## Static cost model of the innermost loops (`--loops`)", "", *_COST_LEGEND, "",
+            loops_table(rows, markdown=True)] if args.loops else []))
+
+
+_COST_LEGEND = [
+    "- per innermost loop of the SASS (found by back-edges; cold out-of-line blocks and barrier spin-loops left "
+    "out): static instructions per iteration (per warp) by class; MMA FLOPs issued by the SASS / needed by the "
+    "kernel's own tile description (`loops` of the inspect case; above 1.00 = a tile computed twice); three lower "
+    "bounds on one iteration's cycles on one SM: tensor cores (issued FLOPs / 2 / dense FMA per clock: 1024 on "
+    "sm_90, 512 on sm_80), SFU (MUFU warp-instructions x 32 / 16 lanes), issue (warp-instructions / 4 "
+    "schedulers); bound = the largest; warp-instructions per 128x64 score tile = instr/iter x num_warps x "
+    "128*64 / the loop's tile, summed over the unmasked described loops",
+    "- ignores latency, memory stalls and bandwidth, occupancy effects and dynamic trip counts: a screening tool, "
+    "not a timer"]
 
 
 def _error(message):
@@ -335,6 +396,8 @@ def main(argv=None):
     parser.add_argument("--title", default=None, help="the Markdown file's heading")
     parser.add_argument("--from-json", metavar="FILE", help="render the rows of an earlier --json instead of compiling")
     parser.add_argument("--kernel", action="append", help="only this kernel (repeatable), e.g. attention_fwd")
+    parser.add_argument("--loops", action="store_true",
+                        help="also print the static cost model of each row's innermost loops (kernels/cost_model.py)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     args = parser.parse_args(argv)
     if args.arch not in ARCHS:
@@ -362,6 +425,9 @@ def main(argv=None):
         rows = inspect(args.arch, args.kernel, args.jobs, args.dump)
     print(table(rows))
     print(summary(rows))
+    if args.loops:
+        print()
+        print(loops_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     if args.markdown:
