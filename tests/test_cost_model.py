@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kernels.cost_model import (classify, innermost_loops, loop_costs, mma_shape, parse_sass, class_summary,
-                                find_loops)
+from kernels.cost_model import (class_summary, classify, find_loops, innermost_loops, loop_costs, mma_shape,
+                                parse_sass)
 
 ROOT = Path(__file__).resolve().parent.parent
 
