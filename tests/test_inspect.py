@@ -183,9 +183,9 @@ def _inspect_cli(*args, prelude=""):
 def test_cli_json_dump_and_table(tmp_path):
     out = tmp_path / "rows.json"
     r = _inspect_cli("--arch", "sm_80", "--kernel", "gelu_fwd", "--json", str(out), "--dump", str(tmp_path / "d"),
-                     "--jobs", "1")
+                     "--jobs", "1", "--loops")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "gelu_fwd" in r.stdout and "CTAs/SM" in r.stdout
+    assert "gelu_fwd" in r.stdout and "CTAs/SM" in r.stdout and "instr/iter" in r.stdout
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(tuple(row) == ROW_KEYS for row in rows)
     for row in rows:
@@ -193,6 +193,10 @@ def test_cli_json_dump_and_table(tmp_path):
         assert {"dtype", "width"} <= set(row["problem"]) and row["ctas_per_sm"] >= 1
         assert (tmp_path / "d" / f"{row['id']}.cubin").stat().st_size > 0
         assert ".target sm_80" in (tmp_path / "d" / f"{row['id']}.ptx").read_text()
+        assert "Function : _gelu_fwd" in (tmp_path / "d" / f"{row['id']}.sass").read_text()
+        # an elementwise kernel: no dot, no description; its row loop is still reported, with no MMA
+        assert row["cost"]["loops"] and row["cost"]["warp_instr_per_tile"] is None
+        assert all(c["instructions"] > 0 and c["mma_flops_issued"] == 0 for c in row["cost"]["loops"])
 
 
 def test_cli_exits_1_naming_rows_over_the_limits():
