@@ -24,13 +24,22 @@ a list of dicts, one per (kernel, launch config, representative problem):
      "constexprs": {"CAUSAL": True, "BLOCK_M": 128, ...},   # every constexpr parameter's value
      "config": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
      "problem": {"dtype": "bf16", "head_dim": 64, ...} or {"dtype": ..., "width": 768, ...},
-     "values": {"stride_qm": 2304, ...}}        # optional: integer arguments' values at that problem
+     "values": {"stride_qm": 2304, ...},        # optional: integer arguments' values at that problem
+     "loops": [{"name": "dkdv", "masked": False, "mma_flops": ..., "tile": [64, 32]}, ...]}   # optional, below
 
 with the configs taken from the same lists (or helpers) the launcher uses, never copied. `values` lets the
 inspection specialize integer arguments the way Triton's JIT does at launch (a multiple of 16 is compiled with
 `tt.divisibility=16`, which decides vectorized and TMA-able accesses); pointer arguments are taken as 16-byte
 aligned (torch's allocations are), except parameters the kernel marks `do_not_specialize`. `launch_case()` below
 builds such a dict from the arguments as the launcher passes them (torch dtypes for tensors, ints, floats).
+
+`loops` describes the kernel's innermost runtime loops that hold a tl.dot, in source order, for the static cost
+model (kernels/cost_model.py; `--loops`): per loop a short name, `masked` (a variant kept for diagonal or boundary
+tiles: reported, left out of the per-tile sum), `mma_flops` (the useful MMA FLOPs of one iteration for the whole
+CTA: 2*M*N*K summed over its dots) and `tile` (rows x cols of the score matrix one iteration covers). The model
+matches them in address order to the SASS's innermost loops holding MMA instructions and reports issued / needed
+FLOPs (above 1.00: a tile computed twice); when the counts differ the row says so instead of guessing. `[]` says
+the kernel has no dot loop; without the key the loops are reported undescribed.
 """
 import argparse
 import importlib
