@@ -125,10 +125,11 @@ def _ends_block(instr):
 
 
 def _conditional(instr):
-    """A branch that may fall through: predicated, or (BRA.U !UP0, ...) a predicate among its operands."""
-    if instr.pred and instr.pred not in ("@PT",):
+    """A branch that may fall through: predicated, or with an operand besides its target (BRA.U !UP0, 0x..;
+    BRA.DIV UR4, 0x..: taken on a condition)."""
+    if instr.pred and instr.pred != "@PT":
         return True
-    return bool(re.match(r"!?U?P(?:[0-6]|T)\s*,", instr.operands)) or instr.base in ("BRX", "JMX")
+    return "," in instr.operands or instr.base in ("BRX", "JMX")
 
 
 def _target(instr):

@@ -176,3 +176,16 @@ def test_a_compiled_dot_loop_is_found_with_its_mma_work(tmp_path):
         assert len(named) == 1, cost
         assert named[0]["mma_shapes"] == shapes and named[0]["issued_over_needed"] == 1.0
         assert named[0]["classes"]["local"] == 0 and named[0]["instructions"] > sum(shapes.values())
+
+
+def test_conditional_branches_without_a_predicate_fall_through():
+    """BRA.DIV / BRA.U with a condition operand may fall through: the code after them stays reachable."""
+    text = sass("MOV R0, RZ",                      # 0x00
+                "FFMA R1, R1, R1, R1",             # 0x10 head
+                "BRA.DIV UR4, 0x60",               # 0x20
+                "HMMA.16816.F32.BF16 R4, R8, R12, R4",  # 0x30
+                "BRA.U !UP0, 0x10",                # 0x40 back-edge
+                "EXIT",                            # 0x50
+                "BRA 0x30")                        # 0x60 the divergent path rejoins
+    (lp,) = innermost_loops(parse_sass(text))
+    assert (lp["start"], lp["end"]) == (0x10, 0x40) and len(lp["instrs"]) == 4
