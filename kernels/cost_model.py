@@ -219,12 +219,11 @@ def find_loops(instrs):
 
 
 def _is_wait_loop(loop, blocks, instrs):
-    """A spin on a barrier (e.g. the retry of `SYNCS.PHASECHK.TRANS64.TRYWAIT`): nothing but waits and
-    branches."""
-    ops = [classify(instrs[i]) for b in loop["body"] for i in range(blocks[b][0], blocks[b][1] + 1)]
-    other = [instrs[i].base for b in loop["body"] for i in range(blocks[b][0], blocks[b][1] + 1)
-             if classify(instrs[i]) != "sync"]
-    return "sync" in ops and all(op in ("BRA", "NOP", "YIELD") for op in other)
+    """A spin on a barrier (the retry of `SYNCS.PHASECHK.TRANS64.TRYWAIT`, sometimes with a register move to
+    rematerialize the phase): a few instructions, a wait among them, no compute and no memory access."""
+    body = [instrs[i] for b in loop["body"] for i in range(blocks[b][0], blocks[b][1] + 1)]
+    kinds = {classify(i) for i in body}
+    return len(body) <= 8 and "sync" in kinds and kinds <= {"sync", "int_other"}
 
 
 def innermost_loops(instrs):

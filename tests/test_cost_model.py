@@ -189,3 +189,21 @@ def test_conditional_branches_without_a_predicate_fall_through():
                 "BRA 0x30")                        # 0x60 the divergent path rejoins
     (lp,) = innermost_loops(parse_sass(text))
     assert (lp["start"], lp["end"]) == (0x10, 0x40) and len(lp["instrs"]) == 4
+
+
+def test_a_spin_wait_with_a_register_move_is_not_a_loop_of_its_own():
+    """ptxas sometimes rematerializes the mbarrier phase inside the retry: still a spin-wait, so the main loop
+    that branches to it stays innermost."""
+    text = sass("MOV R0, RZ",                                        # 0x00
+                "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3",      # 0x10 head
+                "@!P0 BRA 0x70",                                     # 0x20
+                "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT",  # 0x30
+                "@P1 BRA 0x10",                                      # 0x40 back-edge
+                "EXIT",                                              # 0x50
+                "NOP",                                               # 0x60
+                "IMAD.U32 R3, RZ, RZ, UR7",                          # 0x70 retry
+                "SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3",      # 0x80
+                "@!P0 BRA 0x70",                                     # 0x90
+                "BRA 0x30")                                          # 0xa0
+    (lp,) = innermost_loops(parse_sass(text))
+    assert (lp["start"], lp["end"], len(lp["instrs"])) == (0x10, 0x40, 4)
