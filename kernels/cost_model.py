@@ -56,7 +56,7 @@ _MMA_OPS = ("HGMMA", "HMMA", "IMMA", "IGMMA", "QGMMA", "DMMA")
 class Instr:
     """One SASS instruction: address, predicate (or ""), opcode with modifiers (e.g. HGMMA.64x64x16.F32.BF16),
     operands text."""
-    __slots__ = ("addr", "pred", "op", "operands")
+    __slots__ = ("addr", "op", "operands", "pred")
 
     def __init__(self, addr, pred, op, operands):
         self.addr, self.pred, self.op, self.operands = addr, pred, op, operands

@@ -379,15 +379,15 @@ def markdown_report(rows, args, argv):
 
 
 _COST_LEGEND = [
-    "- per innermost loop of the SASS (found by back-edges; cold out-of-line blocks and barrier spin-loops left "
+    ("- per innermost loop of the SASS (found by back-edges; cold out-of-line blocks and barrier spin-loops left "
     "out): static instructions per iteration (per warp) by class; MMA FLOPs issued by the SASS / needed by the "
     "kernel's own tile description (`loops` of the inspect case; above 1.00 = a tile computed twice); three lower "
     "bounds on one iteration's cycles on one SM: tensor cores (issued FLOPs / 2 / dense FMA per clock: 1024 on "
     "sm_90, 512 on sm_80), SFU (MUFU warp-instructions x 32 / 16 lanes), issue (warp-instructions / 4 "
     "schedulers); bound = the largest; warp-instructions per 128x64 score tile = instr/iter x num_warps x "
-    "128*64 / the loop's tile, summed over the unmasked described loops",
-    "- ignores latency, memory stalls and bandwidth, occupancy effects and dynamic trip counts: a screening tool, "
-    "not a timer"]
+    "128*64 / the loop's tile, summed over the unmasked described loops"),
+    ("- ignores latency, memory stalls and bandwidth, occupancy effects and dynamic trip counts: a screening tool, "
+     "not a timer")]
 
 
 def _error(message):
