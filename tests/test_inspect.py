@@ -194,9 +194,8 @@ def test_cli_json_dump_and_table(tmp_path):
         assert (tmp_path / "d" / f"{row['id']}.cubin").stat().st_size > 0
         assert ".target sm_80" in (tmp_path / "d" / f"{row['id']}.ptx").read_text()
         assert "Function : _gelu_fwd" in (tmp_path / "d" / f"{row['id']}.sass").read_text()
-        # an elementwise kernel: no dot, no description; its row loop is still reported, with no MMA
-        assert row["cost"]["loops"] and row["cost"]["warp_instr_per_tile"] is None
-        assert all(c["instructions"] > 0 and c["mma_flops_issued"] == 0 for c in row["cost"]["loops"])
+        # _gelu_fwd has no loop (one tile per program): the cost model finds none, and no per-tile figure
+        assert row["cost"] == {"loops": [], "note": "", "warp_instr_per_tile": None}
 
 
 def test_cli_exits_1_naming_rows_over_the_limits():
