@@ -55,7 +55,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from kernels import cost_model
+from kernels.cost_model import class_summary, loop_costs
 
 # the kernel modules, each with an inspect_cases(): a new module joins here
 MODULES = ["kernels.attention", "kernels.decode_attention", "kernels.layer_norm", "kernels.gelu",
@@ -224,7 +224,7 @@ def compile_case(case, arch, dump=None):
     return {"id": row_id, "kernel": case["kernel"], "config": config, "arch": arch, "problem": case["problem"],
             "registers": registers, "spill_bytes": stack, "shared_bytes": shared, "mma": mma_kind(ptx),
             "tma": "cp.async.bulk.tensor" in ptx, "ctas_per_sm": ctas_per_sm(arch, registers, shared, num_warps),
-            "cost": cost_model.loop_costs(sass, arch, num_warps, case.get("loops"))}
+            "cost": loop_costs(sass, arch, num_warps, case.get("loops"))}
 
 
 _WORKER_CASES = None
@@ -337,7 +337,7 @@ def loops_table(rows, markdown=False):
             ratio = f"{c['issued_over_needed']:.2f}" if c["issued_over_needed"] is not None else "-"
             per_tile = f"{c['warp_instr_per_tile']:.0f}" if c["warp_instr_per_tile"] is not None else "-"
             body.append(first + [f"{name} {c['start']}-{c['end']}", str(c["instructions"]),
-                                 cost_model.class_summary(c), ratio, f"{c['cycles']['tensor']:.0f}",
+                                 class_summary(c), ratio, f"{c['cycles']['tensor']:.0f}",
                                  f"{c['cycles']['sfu']:.0f}", f"{c['cycles']['issue']:.0f}", c["bound"], per_tile])
             first = ["", "", ""]
         total = cost["warp_instr_per_tile"]
