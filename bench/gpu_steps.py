@@ -209,6 +209,7 @@ def _qkv(rec, shape, dtype, path, seed, transposed=False):
 
 def check_attention(rec, label, shape, dtype, causal, p, path, seed):
     import importlib
+
     from kernels import attention
     from kernels.attention import dropout_mask, last_seed_of
     from kernels.testing import relative_error, tolerance
@@ -380,6 +381,7 @@ def step_correctness(rec):
 def _attention_backends(rec):
     """{name: attention(q, k, v) or the reason it is not available}."""
     import torch.nn.functional as F
+
     from kernels import attention
     backends = {"triton": lambda q, k, v: attention(q, k, v, causal=True)}
     try:
@@ -560,6 +562,7 @@ def step_train(rec):
 
 def step_rowwise(rec):
     import torch.nn.functional as F
+
     from kernels import gelu, layer_norm, linear_cross_entropy
     from nanogpt.backends import naive_gelu, naive_layer_norm
     dev, low = rec.device, rec.low

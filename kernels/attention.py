@@ -697,6 +697,7 @@ def inspect_cases(problems=None, arch="sm_90"):
                 Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32, **common,
                 **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv), **_strides("o", dense),
                 **sizes, **flags)))
+            cases[-1]["loops"] = _fwd_loops(c, block_d)
         cases.append(launch_case("attention_bwd_preprocess", _attn_bwd_preprocess, PREPROCESS_CONFIG, problem, dict(
             O=dtype, DO=dtype, Delta=torch.float32, **_strides("o", dense), **_strides("do", do), H=H, Tq=T,
             HEAD_DIM=D, BLOCK_D=block_d)))
@@ -706,7 +707,28 @@ def inspect_cases(problems=None, arch="sm_90"):
                 Delta=torch.float32, **common, **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv),
                 **_strides("do", do), **_strides("dq", dense), **_strides("dk", dense), **_strides("dv", dense),
                 **sizes, **flags)))
+            cases[-1]["loops"] = _bwd_loops(c, block_d, causal)
     return cases
+
+
+# The main loops for the static cost model (the contract: kernels/cost_model.py and kernels/inspect.py): the
+# innermost loops holding dots, in source order, with the MMA FLOPs one iteration needs (2*M*N*K per tl.dot, K and
+# N at BLOCK_D: padding a head dim of 96 to 128 is not counted as duplicated work) and the score tile it covers.
+def _fwd_loops(c, block_d):
+    m, n = c["BLOCK_M"], c["BLOCK_N"]
+    flops = 2 * (2 * m * n * block_d)  # S = Q K^T, acc += P V
+    return [{"name": "fwd", "masked": False, "mma_flops": flops, "tile": [m, n]},
+            {"name": "fwd_diag", "masked": True, "mma_flops": flops, "tile": [m, n]}]
+
+
+def _bwd_loops(c, block_d, causal):
+    own, walk = c["BLOCK_OWN"], c["BLOCK_WALK"]
+    dkdv = {"mma_flops": 4 * (2 * own * walk * block_d), "tile": [own, walk]}  # S^T, dP^T, dV, dK
+    dq = {"mma_flops": 3 * (2 * own * walk * block_d), "tile": [own, walk]}    # S, dP, dQ
+    loops = [{"name": "dkdv", "masked": False, **dkdv}, {"name": "dq", "masked": False, **dq}]
+    if causal:  # the diagonal dK/dV loop runs first, the diagonal dQ loop last
+        loops = [{"name": "dkdv_diag", "masked": True, **dkdv}, *loops, {"name": "dq_diag", "masked": True, **dq}]
+    return loops
 
 
 def _strides(name, strides):

@@ -24,7 +24,8 @@ a list of dicts, one per (kernel, launch config, representative problem):
      "constexprs": {"CAUSAL": True, "BLOCK_M": 128, ...},   # every constexpr parameter's value
      "config": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
      "problem": {"dtype": "bf16", "head_dim": 64, ...} or {"dtype": ..., "width": 768, ...},
-     "values": {"stride_qm": 2304, ...}}        # optional: integer arguments' values at that problem
+     "values": {"stride_qm": 2304, ...},        # optional: integer arguments' values at that problem
+     "loops": [{"name": "dkdv", "masked": False, "mma_flops": ..., "tile": [64, 32]}, ...]}   # optional, below
 
 with the configs taken from the same lists (or helpers) the launcher uses, never copied. `values` lets the
 inspection specialize integer arguments the way Triton's JIT does at launch (a multiple of 16 is compiled with
@@ -32,6 +33,14 @@ inspection specialize integer arguments the way Triton's JIT does at launch (a m
 aligned (torch's allocations are), except parameters the kernel marks `do_not_specialize`. `launch_case()` in
 kernels/_common.py builds such a dict from the arguments as the launcher passes them (torch dtypes for tensors, ints,
 floats); the kernel modules import it from there, never from this module, which loads them.
+
+`loops` describes the kernel's innermost runtime loops that hold a tl.dot, in source order, for the static cost
+model (kernels/cost_model.py; `--loops`): per loop a short name, `masked` (a variant kept for diagonal or boundary
+tiles: reported, left out of the per-tile sum), `mma_flops` (the useful MMA FLOPs of one iteration for the whole
+CTA: 2*M*N*K summed over its dots) and `tile` (rows x cols of the score matrix one iteration covers). The model
+matches them in address order to the SASS's innermost loops holding MMA instructions and reports issued / needed
+FLOPs (above 1.00: a tile computed twice); when the counts differ the row says so instead of guessing. `[]` says
+the kernel has no dot loop; without the key the loops are reported undescribed.
 """
 import argparse
 import importlib
@@ -48,6 +57,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from kernels._common import interpreting
+from kernels.cost_model import class_summary, loop_costs
 
 # the kernel modules, each with an inspect_cases(): a new module joins here
 MODULES = ["kernels.attention", "kernels.decode_attention", "kernels.layer_norm", "kernels.gelu",
@@ -62,7 +72,7 @@ ARCHS = {
                   threads_per_sm=2048, ctas_per_sm=32),
 }
 ROW_KEYS = ("id", "kernel", "config", "arch", "problem", "registers", "spill_bytes", "shared_bytes", "mma", "tma",
-            "ctas_per_sm")
+            "ctas_per_sm", "cost")
 
 def collect(kernels=None, select=None, arch="sm_90"):
     """Every case of every module in MODULES (those of the named kernels only, if given; those for which
@@ -117,12 +127,16 @@ def _cuobjdump():
     return found
 
 
-def resource_usage(cubin: bytes):
-    """(registers, stack bytes) of the cubin's one kernel, from `cuobjdump -res-usage`."""
+def _cuobjdump_text(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes):
+    """(registers, stack bytes) of the cubin's one kernel, from `cuobjdump -res-usage`."""
+    out = _cuobjdump_text(cubin, "-res-usage")
     match = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if not match:
         raise RuntimeError(f"cannot read cuobjdump's resource usage: {out[-500:]}")
@@ -162,18 +176,21 @@ def compile_case(case, arch, dump=None):
     compiled = triton.compile(source, target=target, options=options)
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     registers, stack = resource_usage(cubin)
+    sass = _cuobjdump_text(cubin, "-sass")
     shared = int(compiled.metadata.shared)
     num_warps = compiled.metadata.num_warps
     row_id = case_id(case, arch)
     if dump:
         Path(dump, f"{row_id}.cubin").write_bytes(cubin)
         Path(dump, f"{row_id}.ptx").write_text(ptx)
+        Path(dump, f"{row_id}.sass").write_text(sass)
     config = dict(case["config"])
     config.setdefault("num_warps", num_warps)
     config.setdefault("num_stages", compiled.metadata.num_stages)
     return {"id": row_id, "kernel": case["kernel"], "config": config, "arch": arch, "problem": case["problem"],
             "registers": registers, "spill_bytes": stack, "shared_bytes": shared, "mma": mma_kind(ptx),
-            "tma": "cp.async.bulk.tensor" in ptx, "ctas_per_sm": ctas_per_sm(arch, registers, shared, num_warps)}
+            "tma": "cp.async.bulk.tensor" in ptx, "ctas_per_sm": ctas_per_sm(arch, registers, shared, num_warps),
+            "cost": loop_costs(sass, arch, num_warps, case.get("loops"))}
 
 
 _WORKER_CASES = None
@@ -258,13 +275,51 @@ def table(rows, markdown=False):
         body.append([r["kernel"], _fmt_problem(r["problem"]), _fmt_config(r["config"]), str(r["registers"]),
                      str(r["spill_bytes"]), f"{r['shared_bytes'] / 1024:.1f}", r["mma"], "yes" if r["tma"] else "no",
                      str(r["ctas_per_sm"]), "; ".join(problems_of(r))])
+    return _render(header, body, markdown)
+
+
+def _render(header, body, markdown):
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-        return "\n".join(lines)
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def loops_table(rows, markdown=False):
+    """The static cost model, one line per innermost loop of each row (kernels/cost_model.py says what it counts
+    and what it ignores), then a line per row with its warp-instructions per 128x64 tile and any note."""
+    header = ["kernel", "problem", "config", "loop", "instr/iter", "classes per iteration", "MMA issued/needed",
+              "TC cyc", "SFU cyc", "issue cyc", "bound", "warp-instr/128x64"]
+    body = []
+    for r in rows:
+        cost = r.get("cost")
+        if not cost:
+            continue
+        first = [r["kernel"], _fmt_problem(r["problem"]), _fmt_config(r["config"])]
+        for c in cost["loops"]:
+            name = (c["name"] or "(undescribed)") + (" (masked)" if c["masked"] else "")
+            ratio = f"{c['issued_over_needed']:.2f}" if c["issued_over_needed"] is not None else "-"
+            per_tile = f"{c['warp_instr_per_tile']:.0f}" if c["warp_instr_per_tile"] is not None else "-"
+            body.append(first + [f"{name} {c['start']}-{c['end']}", str(c["instructions"]),
+                                 class_summary(c), ratio, f"{c['cycles']['tensor']:.0f}",
+                                 f"{c['cycles']['sfu']:.0f}", f"{c['cycles']['issue']:.0f}", c["bound"], per_tile])
+            first = ["", "", ""]
+        total = cost["warp_instr_per_tile"]
+        if total is not None or cost["note"] or not cost["loops"]:
+            body.append(first + ["= per 128x64 tile, unmasked loops" if total is not None else "",
+                                 "", cost["note"] or ("no loop" if not cost["loops"] else ""), "", "", "", "", "",
+                                 f"{total:.0f}" if total is not None else "-"])
+    return _render(header, body, markdown)
+
+
+def duplicated_work(row, tolerance=0.01):
+    """The described loops of a row whose MMAs issue more FLOPs than the loop needs (the warps compute a tile
+    twice): [(loop name, issued / needed)]."""
+    cost = row.get("cost") or {"loops": []}
+    return [(c["name"], c["issued_over_needed"]) for c in cost["loops"]
+            if c["issued_over_needed"] is not None and c["issued_over_needed"] > 1 + tolerance]
 
 
 def summary(rows):
@@ -285,7 +340,21 @@ def markdown_report(rows, args, argv):
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}",
         "- columns: registers per thread; spill bytes (the stack frame); shared memory; the MMA instructions in the "
         "PTX; TMA loads; theoretical CTAs per SM; note: why the row is flagged (spills, dots off wgmma, limits)",
-        f"- {summary(rows)}", "", table(rows, markdown=True)])
+        f"- {summary(rows)}", "", table(rows, markdown=True)]
+        + (["", "## Static cost model of the innermost loops (`--loops`)", "", *_COST_LEGEND, "",
+            loops_table(rows, markdown=True)] if args.loops else []))
+
+
+_COST_LEGEND = [
+    ("- per innermost loop of the SASS (found by back-edges; cold out-of-line blocks and barrier spin-loops left "
+    "out): static instructions per iteration (per warp) by class; MMA FLOPs issued by the SASS / needed by the "
+    "kernel's own tile description (`loops` of the inspect case; above 1.00 = a tile computed twice); three lower "
+    "bounds on one iteration's cycles on one SM: tensor cores (issued FLOPs / 2 / dense FMA per clock: 1024 on "
+    "sm_90, 512 on sm_80), SFU (MUFU warp-instructions x 32 / 16 lanes), issue (warp-instructions / 4 "
+    "schedulers); bound = the largest; warp-instructions per 128x64 score tile = instr/iter x num_warps x "
+    "128*64 / the loop's tile, summed over the unmasked described loops"),
+    ("- ignores latency, memory stalls and bandwidth, occupancy effects and dynamic trip counts: a screening tool, "
+     "not a timer")]
 
 
 def _error(message):
@@ -303,6 +372,8 @@ def main(argv=None):
     parser.add_argument("--title", default=None, help="the Markdown file's heading")
     parser.add_argument("--from-json", metavar="FILE", help="render the rows of an earlier --json instead of compiling")
     parser.add_argument("--kernel", action="append", help="only this kernel (repeatable), e.g. attention_fwd")
+    parser.add_argument("--loops", action="store_true",
+                        help="also print the static cost model of each row's innermost loops (kernels/cost_model.py)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
     args = parser.parse_args(argv)
     if args.arch not in ARCHS:
@@ -330,6 +401,9 @@ def main(argv=None):
         rows = inspect(args.arch, args.kernel, args.jobs, args.dump)
     print(table(rows))
     print(summary(rows))
+    if args.loops:
+        print()
+        print(loops_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     if args.markdown:

@@ -344,9 +344,19 @@ def inspect_cases():
             cases.append(launch_case("linear_cross_entropy_fwd", _lce_fwd, launch, problem, dict(
                 X=dtype, W=dtype, Targets=torch.int64, PartMax=torch.float32, PartSum=torch.float32,
                 PartTarget=torch.float32, stride_xm=C, stride_wv=C, N=N, V=V, C=C)))
+            cases[-1]["loops"] = _k_loop(config)
         for config in CONFIGS["dlogits", fp32]:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             cases.append(launch_case("linear_cross_entropy_dlogits", _lce_dlogits, launch, problem, dict(
                 X=dtype, W=dtype, Targets=torch.int64, LSE=torch.float32, RowScale=torch.float32, DL=dtype,
                 stride_xm=C, stride_wv=C, stride_dl=chunk, N=N, C=C, v_start=chunk, v_end=2 * chunk)))
+            cases[-1]["loops"] = _k_loop(config)
     return cases
+
+
+def _k_loop(config):
+    """The static cost model's description of the kernels' one dot loop (the K loop of _logits_tile): one
+    BLOCK_M x BLOCK_V x BLOCK_K slice of the logits tile per iteration. (fp32 inputs multiply on the FMA units:
+    their SASS has no MMA loop, and the model says so.)"""
+    m, v, k = (config.kwargs[x] for x in ("BLOCK_M", "BLOCK_V", "BLOCK_K"))
+    return [{"name": "k", "masked": False, "mma_flops": 2 * m * v * k, "tile": [m, v]}]

@@ -11,9 +11,22 @@ import sys
 import pytest
 import torch
 
+from bench.gpu import (
+    DEFAULT_BUDGET_S,
+    GOALS,
+    RESERVE_S,
+    STEPS,
+    Output,
+    Step,
+    cap_text,
+    goal_verdict,
+    plan_table,
+    run_step,
+    step_limit,
+    summary_markdown,
+    summary_rows,
+)
 from helpers import ROOT
-from bench.gpu import (DEFAULT_BUDGET_S, GOALS, RESERVE_S, STEPS, Output, Step, cap_text, goal_verdict, plan_table,
-                       run_step, step_limit, summary_markdown, summary_rows)
 
 
 def _gpu_sh(*args, timeout=600):

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kernels.inspect import ROW_KEYS, over_limits, problems_of  # noqa: E402  (no triton compile at import)
+from kernels.inspect import ROW_KEYS, duplicated_work, over_limits, problems_of  # noqa: E402  (no compile at import)
 
 ARCHS = ("sm_90", "sm_80")
 
@@ -24,6 +24,14 @@ ARCHS = ("sm_90", "sm_80")
 # one architecture or with dropout are skipped there by the lists in kernels/attention.py.)
 # Keys: (kernel, arch, BLOCK_D, (the config's BLOCK_* values..., num_warps, num_stages)).
 ALLOWED = set()
+
+# Shipped configs whose main loops issue more MMA FLOPs than their tiles need (the static cost model, --loops: issued
+# / needed > 1.00, the warps compute the same tile twice), to be removed by the backward redesign (issue 23): with 8
+# warps and 64 owned rows both warpgroups compute the same S^T and dP^T tiles. The lead empties this after merging
+# the redesign. Keys as ALLOWED's.
+DUPLICATES_TO_BE_REMOVED_BY_THE_BACKWARD_REDESIGN = {
+    ("attention_bwd", arch, block_d, (64, 32, 8, 2)) for arch in ARCHS for block_d in (64, 128)} | {
+    ("attention_bwd", arch, 128, (64, 16, 8, 2)) for arch in ARCHS}
 
 # The problems compiled here: bf16 attention at head dims 64 and 128, causal or not, dropout off or on (fp16
 # compiles like bf16, and D=96 like D=128: they add rows, not code), and every LayerNorm/GELU case. Every shipped
@@ -93,6 +101,47 @@ def test_shipped_configs_are_clean(inspected, arch):
     assert not missing, f"shipped configs not compiled by this test: {missing}"
 
 
+def duplicating(rows, allowed=DUPLICATES_TO_BE_REMOVED_BY_THE_BACKWARD_REDESIGN):
+    """The rows that fail the duplicated-work check: a described main loop issuing more MMA FLOPs than it needs
+    (not in `allowed`), or described loops the cost model could not match to the machine code's MMA loops (the
+    check would not see them) where the dots are on tensor cores."""
+    bad = [(r["id"], f"MMA issued/needed {ratio:.2f} in loop {name}") for r in rows
+           if allow_key(r) not in allowed for name, ratio in duplicated_work(r)]
+    bad += [(r["id"], r["cost"]["note"]) for r in rows if r["mma"] != "none" and r["cost"]["note"]]
+    return bad
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_shipped_config_duplicates_mma_work(inspected, arch):
+    rows = inspected["rows"][arch]
+    bad = duplicating(rows)
+    assert not bad, "\n".join(f"{i}: {why}" for i, why in bad)
+    described = [r for r in rows if r["kernel"].startswith("attention_") and r["mma"] != "none"]
+    assert described and all(any(c["name"] for c in r["cost"]["loops"]) for r in described)
+
+
+def test_duplicate_allow_list_is_still_needed(inspected):
+    """An allowed config that no longer duplicates work (or is no longer shipped) must leave the list."""
+    rows = [r for arch in ARCHS for r in inspected["rows"][arch]]
+    still = {allow_key(r) for r in rows if duplicated_work(r)}
+    gone = DUPLICATES_TO_BE_REMOVED_BY_THE_BACKWARD_REDESIGN - still
+    assert not gone, f"no duplicated work now (or unshipped), remove from the list: {sorted(gone)}"
+
+
+def test_the_duplicate_check_catches_issued_over_needed():
+    """The duplicated-work check on fabricated rows: a loop at 1.00 passes, above it fails unless allowed, and an
+    unmatched description fails where the dots are on tensor cores."""
+    def cost(ratio, note=""):
+        loop = {"name": "dkdv", "masked": False, "issued_over_needed": ratio}
+        return {"loops": [loop], "note": note, "warp_instr_per_tile": 1000.0}
+    assert duplicating([_row(cost=cost(1.0))]) == []
+    assert duplicating([_row(cost=cost(1.004))]) == []  # rounding
+    assert duplicating([_row(cost=cost(1.5))]) == [("attention_bwd_dkdv-x", "MMA issued/needed 1.50 in loop dkdv")]
+    assert duplicating([_row(cost=cost(1.5))], allowed={allow_key(_row())}) == []
+    assert duplicating([_row(cost=cost(None, "loops: 4 described, 3 found"))])[0][1] == "loops: 4 described, 3 found"
+    assert duplicating([_row(mma="none", cost=cost(None, "loops: 1 described, 0 found"))]) == []
+
+
 def test_allow_list_is_still_needed(inspected):
     """An allowed config that is clean now (or no longer shipped) must leave ALLOWED."""
     rows = [r for arch in ARCHS for r in inspected["rows"][arch]]
@@ -105,7 +154,7 @@ def _row(**changes):
            "config": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
            "problem": {"dtype": "bf16", "head_dim": 64, "causal": True, "dropout": False},
            "registers": 200, "spill_bytes": 0, "shared_bytes": 48 * 1024, "mma": "wgmma", "tma": False,
-           "ctas_per_sm": 1}
+           "ctas_per_sm": 1, "cost": {"loops": [], "note": "", "warp_instr_per_tile": None}}
     row.update(changes)
     return row
 
@@ -134,9 +183,9 @@ def _inspect_cli(*args, prelude=""):
 def test_cli_json_dump_and_table(tmp_path):
     out = tmp_path / "rows.json"
     r = _inspect_cli("--arch", "sm_80", "--kernel", "gelu_fwd", "--json", str(out), "--dump", str(tmp_path / "d"),
-                     "--jobs", "1")
+                     "--jobs", "1", "--loops")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "gelu_fwd" in r.stdout and "CTAs/SM" in r.stdout
+    assert "gelu_fwd" in r.stdout and "CTAs/SM" in r.stdout and "instr/iter" in r.stdout
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(tuple(row) == ROW_KEYS for row in rows)
     for row in rows:
@@ -144,6 +193,9 @@ def test_cli_json_dump_and_table(tmp_path):
         assert {"dtype", "width"} <= set(row["problem"]) and row["ctas_per_sm"] >= 1
         assert (tmp_path / "d" / f"{row['id']}.cubin").stat().st_size > 0
         assert ".target sm_80" in (tmp_path / "d" / f"{row['id']}.ptx").read_text()
+        assert "Function : _gelu_fwd" in (tmp_path / "d" / f"{row['id']}.sass").read_text()
+        # _gelu_fwd has no loop (one tile per program): the cost model finds none, and no per-tile figure
+        assert row["cost"] == {"loops": [], "note": "", "warp_instr_per_tile": None}
 
 
 def test_cli_exits_1_naming_rows_over_the_limits():
