@@ -235,21 +235,26 @@ def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_d
 @triton.jit
 def _dq_tile_loop(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, start_m, lo, hi, Tq, Tk,
                   qk_scale, seed, bh, dropout_p, dropout_scale,
-                  CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """dQ of the BLOCK_M queries at start_m over key tiles lo..hi.
 
-    Keys past Tk need no mask: their k rows load as zeros, so dS K adds nothing from them."""
+    MASK (the causal diagonal tile, or the tile holding Tk): keys past Tk, and with CAUSAL keys right of the
+    query, get p = 0. Keys past Tk must be masked even though their k rows load as zeros: their score is 0, so
+    p = 2^(-lse) overflows to inf when a row's scores are strongly negative, and inf * 0 in dS K is NaN."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         k = _load(k_src, start_n, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         v = _load(v_src, start_n, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if CAUSAL_MASK:
+        if MASK:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+            allowed = offs_n[None, :] < Tk
+            if CAUSAL:
+                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = _keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
@@ -325,15 +330,16 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p,
         dq = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
         if CAUSAL:  # keys left of the query block: no mask; the diagonal block: masked
             unmasked_end = start
-        else:
-            unmasked_end = Tk
+            masked_end = tl.minimum(start + BLOCK_OWN, Tk)
+        else:  # every full key tile unmasked, the tail tile (keys past Tk) masked
+            unmasked_end = (Tk // BLOCK_WALK) * BLOCK_WALK
+            masked_end = Tk
         dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, 0, unmasked_end,
-                           Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale, False, DROPOUT, USE_TMA,
+                           Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale, False, CAUSAL, DROPOUT, USE_TMA,
                            HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-        if CAUSAL:
-            dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, start,
-                               tl.minimum(start + BLOCK_OWN, Tk), Tq, Tk, qk_scale, seed, bh, dropout_p,
-                               dropout_scale, True, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, unmasked_end,
+                           masked_end, Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale, True, CAUSAL,
+                           DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
         dq_dst = _source(DQ + b * stride_dqb + h * stride_dqh, Tq, stride_dqm, HEAD_DIM, BLOCK_OWN, BLOCK_D,
                          USE_TMA)
         _store(dq_dst, start, (dq * sm_scale).to(DQ.dtype.element_ty), Tq, stride_dqm, HEAD_DIM, BLOCK_OWN,
