@@ -700,6 +700,7 @@ def inspect_cases(problems=None, arch="sm_90"):
                 Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32, **common,
                 **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv), **_strides("o", dense),
                 **sizes, **flags)))
+            cases[-1]["loops"] = _fwd_loops(c, block_d)
         cases.append(launch_case("attention_bwd_preprocess", _attn_bwd_preprocess, PREPROCESS_CONFIG, problem, dict(
             O=dtype, DO=dtype, Delta=torch.float32, **_strides("o", dense), **_strides("do", do), H=H, Tq=T,
             HEAD_DIM=D, BLOCK_D=block_d)))
@@ -709,7 +710,30 @@ def inspect_cases(problems=None, arch="sm_90"):
                 Delta=torch.float32, **common, **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv),
                 **_strides("do", do), **_strides("dq", dense), **_strides("dk", dense), **_strides("dv", dense),
                 **sizes, **flags)))
+            cases[-1]["loops"] = _bwd_loops(c, block_d, causal)
     return cases
+
+
+def _fwd_loops(c, block_d):
+    """The forward's main loops for the cost model (the "loops" contract of kernels/inspect.py), in source order:
+    the unmasked key tiles, then the masked ones (causal diagonal or the tail past Tk). Per iteration: S = Q K^T and
+    O += P V, each 2*BLOCK_M*BLOCK_N*BLOCK_D FLOPs (BLOCK_D: a padded head dim counts as needed)."""
+    tile = [c["BLOCK_M"], c["BLOCK_N"]]
+    flops = 2 * 2 * c["BLOCK_M"] * c["BLOCK_N"] * block_d
+    return [dict(name="fwd", masked=False, mma_flops=flops, tile=tile),
+            dict(name="fwd_mask", masked=True, mma_flops=flops, tile=tile)]
+
+
+def _bwd_loops(c, block_d, causal):
+    """The backward's main loops, in source order (see _attn_bwd). dkdv: S^T, dP^T, dV += P^T dO, dK += dS^T Q
+    (4 dots); dq: S, dP, dQ += dS K (3 dots); each 2*BLOCK_OWN*BLOCK_WALK*BLOCK_D FLOPs per iteration."""
+    tile = [c["BLOCK_OWN"], c["BLOCK_WALK"]]
+    one = 2 * c["BLOCK_OWN"] * c["BLOCK_WALK"] * block_d
+    dkdv, dq = dict(mma_flops=4 * one, tile=tile), dict(mma_flops=3 * one, tile=tile)
+    loops = [dict(name="dkdv_diag", masked=True, **dkdv)] if causal else []
+    loops += [dict(name="dkdv", masked=False, **dkdv), dict(name="dq", masked=False, **dq),
+              dict(name="dq_mask", masked=True, **dq)]
+    return loops
 
 
 def _strides(name, strides):
