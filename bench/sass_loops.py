@@ -64,7 +64,26 @@ def loop_stats(instrs, start, end, num_warps):
     mufu_ex2 = sum(1 for t in body if "MUFU.EX2" in t)
     nops = ops.get("NOP", 0)
     return {"instr": len(body), "nop": nops, "shapes": dict(shapes), "mufu_ex2": mufu_ex2, "issued_flops": issued,
+            "spill": sum(1 for t in body if re.search(r"\b(STL|LDL)\b", t)),
             "waits": sum(1 for t in body if "WARPGROUP.DEPBAR" in t or "WARPGROUP.ARRIVE" in t)}
+
+
+def describe_row(row, case, cubin):
+    """(loops, per-tile figure) of one compiled row whose inspect case is `case`."""
+    described = (case or {}).get("loops", [])
+    warps = row["config"]["num_warps"]
+    instrs = instructions(cubin)
+    stats = [loop_stats(instrs, s, e, warps) for s, e in innermost_loops(instrs)]
+    per_tile, loops = 0.0, []
+    for i, st in enumerate(stats):
+        d = described[i] if len(described) == len(stats) else None
+        if d:
+            st["issued/needed"] = round(st["issued_flops"] / d["mma_flops"], 2)
+            if not d["masked"]:
+                per_tile += st["instr"] * warps * 128 * 64 / (d["tile"][0] * d["tile"][1])
+        loops.append({"name": d["name"] if d else f"loop{i}", "masked": d["masked"] if d else None, **st})
+    return loops, (round(per_tile) if len(described) == len(stats) else
+                   f"loops: {len(described)} described, {len(stats)} found")
 
 
 def describe_rows(rows_json, dump_dir):
@@ -75,23 +94,22 @@ def describe_rows(rows_json, dump_dir):
     cases = {kinspect.case_id(c, arch): c for c in kinspect.collect(kernels=sorted({r["kernel"] for r in rows}),
                                                                     arch=arch)}
     for row in rows:
-        case = cases.get(row["id"])
-        described = (case or {}).get("loops", [])
-        warps = row["config"]["num_warps"]
-        instrs = instructions(os.path.join(dump_dir, row["id"] + ".cubin"))
-        found = innermost_loops(instrs)
-        stats = [loop_stats(instrs, s, e, warps) for s, e in found]
-        per_tile = 0.0
-        loops = []
-        for i, st in enumerate(stats):
-            d = described[i] if len(described) == len(stats) else None
-            if d:
-                st["issued/needed"] = round(st["issued_flops"] / d["mma_flops"], 2)
-                if not d["masked"]:
-                    per_tile += st["instr"] * warps * 128 * 64 / (d["tile"][0] * d["tile"][1])
-            loops.append({"name": d["name"] if d else f"loop{i}", "masked": d["masked"] if d else None, **st})
-        yield row, loops, (round(per_tile) if len(described) == len(stats) else
-                           f"loops: {len(described)} described, {len(stats)} found")
+        yield row, *describe_row(row, cases.get(row["id"]), os.path.join(dump_dir, row["id"] + ".cubin"))
+
+
+def print_row(row, loops, per_tile):
+    c = row["config"]
+    cfg = " ".join(f"{k}{v}" for k, v in c.items() if k not in ("num_warps", "num_stages"))
+    p = row["problem"]
+    prob = f"{p.get('dtype')} D={p.get('head_dim')}" + (" causal" if p.get("causal") else "") + \
+        (" dropout" if p.get("dropout") else "")
+    print(f"{row['kernel']} | {prob} | {cfg} w{c['num_warps']} s{c['num_stages']} | regs {row['registers']} "
+          f"spill {row['spill_bytes']} smem {row['shared_bytes']} | per 128x64 tile: {per_tile}")
+    for lp in loops:
+        shapes = " ".join(f"{n}xHGMMA.{s}" if "x" in s else f"{n}xHMMA.{s}" for s, n in lp["shapes"].items())
+        print(f"    {lp['name']:<9} masked={lp['masked']!s:<5} instr/iter {lp['instr']:>5} (nop {lp['nop']}) "
+              f"mufu.ex2 {lp['mufu_ex2']:>3} wg-waits {lp['waits']:>2} spill-ops {lp['spill']} issued/needed "
+              f"{lp.get('issued/needed', '?')} | {shapes}", flush=True)
 
 
 def main(argv):
@@ -99,18 +117,7 @@ def main(argv):
         print("error: expected ROWS_JSON DUMP_DIR (from kernels.inspect --json/--dump)", file=sys.stderr)
         return 2
     for row, loops, per_tile in describe_rows(*argv):
-        c = row["config"]
-        cfg = " ".join(f"{k}{v}" for k, v in c.items() if k not in ("num_warps", "num_stages"))
-        p = row["problem"]
-        prob = f"{p.get('dtype')} D={p.get('head_dim')}" + (" causal" if p.get("causal") else "") + \
-            (" dropout" if p.get("dropout") else "")
-        print(f"{row['kernel']} | {prob} | {cfg} w{c['num_warps']} s{c['num_stages']} | regs {row['registers']} "
-              f"spill {row['spill_bytes']} | per 128x64 tile: {per_tile}")
-        for lp in loops:
-            shapes = " ".join(f"{n}xHGMMA.{s}" for s, n in lp["shapes"].items())
-            print(f"    {lp['name']:<8} masked={lp['masked']!s:<5} instr/iter {lp['instr']:>5} (nop {lp['nop']}) "
-                  f"mufu.ex2 {lp['mufu_ex2']:>3} wg-waits {lp['waits']:>2} issued/needed "
-                  f"{lp.get('issued/needed', '?')} | {shapes}")
+        print_row(row, loops, per_tile)
     return 0
 
 
