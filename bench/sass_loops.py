@@ -89,7 +89,8 @@ def describe_row(row, case, cubin):
 def describe_rows(rows_json, dump_dir):
     os.environ.pop("TRITON_INTERPRET", None)
     from kernels import inspect as kinspect
-    rows = json.load(open(rows_json))["rows"]
+    with open(rows_json) as f:
+        rows = json.load(f)["rows"]
     arch = rows[0]["arch"]
     cases = {kinspect.case_id(c, arch): c for c in kinspect.collect(kernels=sorted({r["kernel"] for r in rows}),
                                                                     arch=arch)}
