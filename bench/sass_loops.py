@@ -22,7 +22,7 @@ from collections import Counter
 LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BRANCH = re.compile(r"\bBRA\b(?:\.\S+)?\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)")
 HGMMA = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)")
-HMMA = re.compile(r"HMMA\.(\d)(\d)(\d+)")
+HMMA = re.compile(r"HMMA\.(16)(8)(\d+)")  # HMMA.16816: m16 n8 k16
 
 
 def cuobjdump():
