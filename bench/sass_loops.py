@@ -32,8 +32,13 @@ def cuobjdump():
 
 def instructions(cubin):
     """[(address, text)] of the kernel's SASS."""
-    out = subprocess.run([cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    return [(int(m.group(1), 16), m.group(2).strip()) for m in LINE.finditer(out)]
+    return parse_sass(subprocess.run([cuobjdump(), "-sass", cubin], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def parse_sass(text):
+    """[(address, instruction)] from cuobjdump -sass text."""
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in LINE.finditer(text)]
 
 
 def innermost_loops(instrs):
