@@ -188,8 +188,11 @@ def _attn_fwd(Q, K, V, O, LSE, Seed, sm_scale, dropout_p,
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-                         H, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_bwd_preprocess(O, DO, LSE, LSE_PAD, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
+                         stride_dom, H, Tq, T_PAD, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O), and a copy of the forward's logsumexp, both in rows of T_PAD (Tq rounded up to
+    ROW_PAD) with 0 past Tq: the main kernel then loads whole tiles of them without a mask."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -199,7 +202,8 @@ def _attn_bwd_preprocess(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_d
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + bh * Tq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Tq)
+    tl.store(Delta + bh * T_PAD + offs_m, tl.sum(o * do, axis=1))
+    tl.store(LSE_PAD + bh * T_PAD + offs_m, tl.load(LSE + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0))
 
 
 @triton.jit
@@ -210,14 +214,15 @@ def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_d
                     BLOCK_D: tl.constexpr):
     """dK/dV of the BLOCK_N keys at start_n over query tiles lo..hi, in the transposed orientation.
 
-    Queries past Tq need no mask: their q/dO rows load as zeros, so they add nothing to dK/dV."""
+    Queries past Tq need no mask: their q/dO rows load as zeros and their lse/delta (padded rows) are 0, so
+    p^T = 1 there and both P^T dO and dS^T Q = P^T (V dO^T - 0) Q add nothing to dK/dV."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load(q_src, start_m, Tq, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
         do = _load(do_src, start_m, Tq, stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-        lse = tl.load(LSE + offs_m, mask=offs_m < Tq, other=0.0)
-        delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
+        lse = tl.load(LSE + offs_m)
+        delta = tl.load(Delta + offs_m)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # S^T: (keys, queries)
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if CAUSAL_MASK:
@@ -240,21 +245,26 @@ def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_d
 @triton.jit
 def _dq_tile_loop(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, start_m, lo, hi, Tq, Tk,
                   qk_scale, seed, bh, dropout_p, dropout_scale,
-                  CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """dQ of the BLOCK_M queries at start_m over key tiles lo..hi.
 
-    Keys past Tk need no mask: their k rows load as zeros, so dS K adds nothing from them."""
+    MASK (the causal diagonal tile, or the tile holding Tk): keys past Tk, and with CAUSAL keys right of the
+    query, get p = 0. Keys past Tk must be masked even though their k rows load as zeros: their score is 0, so
+    p = 2^(-lse) overflows to inf when a row's scores are strongly negative, and inf * 0 in dS K is NaN."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         k = _load(k_src, start_n, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         v = _load(v_src, start_n, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if CAUSAL_MASK:
+        if MASK:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+            allowed = offs_n[None, :] < Tk
+            if CAUSAL:
+                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = _keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
@@ -270,7 +280,7 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p,
               stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
               stride_dqb, stride_dqh, stride_dqm, stride_dkb, stride_dkh, stride_dkn,
               stride_dvb, stride_dvh, stride_dvn,
-              H, Tq, Tk, T_BUCKET,
+              H, Tq, Tk, T_PAD, T_BUCKET,
               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_OWN: tl.constexpr, BLOCK_WALK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program n: dK/dV of keys n*BLOCK_OWN.. (walking query tiles of BLOCK_WALK), then dQ of queries
@@ -282,8 +292,8 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p,
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     DO += b * stride_dob + h * stride_doh
-    LSE += bh * Tq
-    Delta += bh * Tq
+    LSE += bh * T_PAD  # both padded to T_PAD rows (zeros past Tq): whole tiles load unmasked
+    Delta += bh * T_PAD
     qk_scale = sm_scale * LOG2E
     dropout_scale = 1.0 / (1.0 - dropout_p)
     seed = tl.load(Seed)
@@ -325,20 +335,21 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p,
         q = _load(q_own, start, Tq, stride_qm, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
         do = _load(do_own, start, Tq, stride_dom, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
         offs_m = start + tl.arange(0, BLOCK_OWN)
-        lse = tl.load(LSE + offs_m, mask=offs_m < Tq, other=0.0)
-        delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
+        lse = tl.load(LSE + offs_m)
+        delta = tl.load(Delta + offs_m)
         dq = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
         if CAUSAL:  # keys left of the query block: no mask; the diagonal block: masked
             unmasked_end = start
-        else:
-            unmasked_end = Tk
+            masked_end = tl.minimum(start + BLOCK_OWN, Tk)
+        else:  # every full key tile unmasked, the tail tile (keys past Tk) masked
+            unmasked_end = (Tk // BLOCK_WALK) * BLOCK_WALK
+            masked_end = Tk
         dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, 0, unmasked_end,
-                           Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale, False, DROPOUT, USE_TMA,
+                           Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale, False, CAUSAL, DROPOUT, USE_TMA,
                            HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-        if CAUSAL:
-            dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, start,
-                               tl.minimum(start + BLOCK_OWN, Tk), Tq, Tk, qk_scale, seed, bh, dropout_p,
-                               dropout_scale, True, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, unmasked_end,
+                           masked_end, Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale, True, CAUSAL,
+                           DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
         dq_dst = _source(DQ + b * stride_dqb + h * stride_dqh, Tq, stride_dqm, HEAD_DIM, BLOCK_OWN, BLOCK_D,
                          USE_TMA)
         _store(dq_dst, start, (dq * sm_scale).to(DQ.dtype.element_ty), Tq, stride_dqm, HEAD_DIM, BLOCK_OWN,
@@ -365,11 +376,12 @@ def _dropout_mask_kernel(Out, Seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BL
 ALL_BLOCK_DS = (16, 32, 64, 128)
 # An entry: its block sizes, num_warps, num_stages, the BLOCK_Ds it is shipped for, and `skip`: the BLOCK_Ds it is
 # not shipped for under a condition ("sm_80": on GPUs before Hopper, which take the pointer path and mma.sync;
-# "dropout" / "no_dropout": with or without dropout; "a+b": both), because its compiled code spills there
-# (bench/results/NOTES.md has the numbers).
-# The lists are clean (0 spill bytes; wgmma only on sm_90) when compiled by Triton 3.9 and by 3.6 (the GPU
-# machine's version, which spills more: M128N64/4w at BLOCK_D=128, and every 4-warp backward with 64 owned rows at
-# BLOCK_D=128, are clean in 3.9 but spill 32-72 B in 3.6, so they are not shipped there).
+# "sm_90": on Hopper and later; "dropout" / "no_dropout": with or without dropout; "a+b": both), because its compiled
+# code spills there or does more work per tile than another config (bench/results/NOTES.md has the numbers).
+# The lists are clean (0 spill bytes; wgmma only on sm_90) when compiled by Triton 3.9. Triton 3.6 (the GPU
+# machine's version) spills more: the forward's M128N64/4w at BLOCK_D=128 spills 32-72 B there, so it is not shipped;
+# the backward's BLOCK_D=128 configs spill 16-40 B in 3.6, all of it outside the main loops (bench/sass_loops.py
+# finds no local load/store inside them), which is kept.
 # forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds, skip). With dropout at
 # BLOCK_D=128 the mask's interleave needs shared memory and registers: M128 with 4 warps spills and M128N128
 # outgrows shared memory.
@@ -379,13 +391,19 @@ _FWD = [(128, 64, 4, 3, (16, 32, 64), {"dropout": (64,)}),
         (64, 64, 4, 3, ALL_BLOCK_DS, {"sm_80+dropout": (64,)}),
         (128, 32, 4, 4, ALL_BLOCK_DS, {"sm_80": (64, 128), "dropout": (128,)}), (64, 32, 4, 4, ALL_BLOCK_DS, {})]
 # backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds, skip).
-# Walking 64 rows spills at BLOCK_D 64/128 (the S^T and dP^T tiles double). At BLOCK_D=128 the dK and dV
-# accumulators alone take 128 registers a thread with 4 warps: 64 owned rows on 8 warps (two warpgroups splitting
-# the columns) halve that; with dropout the walk shrinks to 16 rows.
-_BWD = [(64, 32, 4, 2, (16, 32, 64), {}), (128, 32, 8, 2, (16, 32, 64), {}),
-        (64, 32, 8, 2, ALL_BLOCK_DS, {"dropout": (128,)}),
-        (64, 64, 4, 2, (16, 32), {}), (128, 64, 8, 2, (16, 32), {}),
-        (64, 16, 8, 2, (128,), {"no_dropout": (128,)})]
+# Every config gives each warpgroup (4 warps) BLOCK_OWN/warpgroups >= 64 rows of its own: a warpgroup owning
+# fewer would compute the same S^T/dP^T tiles as its neighbour (the old 64-owned-row 8-warp configs issued 1.5-1.67x
+# the needed MMA FLOPs on sm_90). Walking 64 rows halves the per-iteration overhead per score (the lse/delta rows
+# are padded, so their loads are unmasked, and the S^T and dP^T tiles fit); at BLOCK_D=128 the dK and dV
+# accumulators of 128 owned rows need two warpgroups (8 warps), and with dropout the mask's registers shrink the
+# walk to 16. On sm_90 at BLOCK_D=64 without dropout only the config within the per-tile budget (<= 4,900
+# warp-instructions per 128x64 score tile in the main loops: bench/sass_loops.py) is shipped. sm_80 (mma.sync, no
+# TMA) spills with the wide walks at BLOCK_D=64 and with 8 warps at BLOCK_D=128: there it keeps 64x32 on 4 warps.
+_BWD = [(64, 64, 4, 3, (16, 32, 64), {"sm_80": (64,)}),
+        (128, 64, 8, 3, (16, 32, 64), {"sm_90+no_dropout": (64,), "sm_80+dropout": (64,)}),
+        (64, 32, 4, 3, ALL_BLOCK_DS, {"sm_90+dropout": (128,), "sm_90+no_dropout": (64,)}),
+        (128, 32, 8, 3, (128,), {"dropout": (128,), "sm_80": (128,)}),
+        (128, 16, 8, 3, (128,), {"no_dropout": (128,), "sm_80": (128,)})]
 FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
                for m, n, w, s, ds, skip in _FWD]
 BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
@@ -393,6 +411,9 @@ BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_
 INTERPRETER_FWD_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
 INTERPRETER_BWD_CONFIG = dict(BLOCK_OWN=32, BLOCK_WALK=16, num_warps=4, num_stages=1, block_ds=ALL_BLOCK_DS)
 PREPROCESS_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1)  # delta = rowsum(dO * O): no dot
+# the backward's lse and delta rows are padded to a multiple of ROW_PAD, which every BLOCK_OWN and BLOCK_WALK and
+# the preprocess's BLOCK_M divide: no tile reads past the padding
+ROW_PAD = 128
 BLOCK_KEYS = {"fwd": ("BLOCK_M", "BLOCK_N"), "bwd": ("BLOCK_OWN", "BLOCK_WALK")}
 
 
@@ -401,9 +422,11 @@ def _check_block_shapes(kind, configs):
     a dropout tile draws four keys per Philox call: the owned block must be a multiple of the step, both of 16."""
     own, walk = BLOCK_KEYS[kind]
     for c in configs:
-        if c[own] % c[walk] or c[walk] % 16 or set(c["block_ds"]) - set(ALL_BLOCK_DS):
+        if c[own] % c[walk] or c[walk] % 16 or set(c["block_ds"]) - set(ALL_BLOCK_DS) or \
+                (kind == "bwd" and ROW_PAD % c[own]):
             raise ValueError(f"attention: {kind} config {c} breaks the kernel's block-shape invariant: {own} must "
-                             f"be a multiple of {walk}, {walk} of 16, and block_ds a subset of {ALL_BLOCK_DS}")
+                             f"be a multiple of {walk}, {walk} of 16, block_ds a subset of {ALL_BLOCK_DS}, and the "
+                             f"backward's {own} a divisor of ROW_PAD={ROW_PAD}")
 
 
 def _check_coverage(kind, configs):
@@ -423,7 +446,7 @@ _check_block_shapes("bwd", BWD_CONFIGS + [INTERPRETER_BWD_CONFIG])
 def configs_for(configs, block_d, dropout=False, arch="sm_90"):
     """The entries of a config list shipped for this BLOCK_D, with or without dropout, on `arch` ("sm_90": Hopper
     and later, "sm_80": earlier GPUs): what the autotuner may choose on a GPU."""
-    conditions = {"dropout" if dropout else "no_dropout"} | ({"sm_80"} if arch == "sm_80" else set())
+    conditions = {"dropout" if dropout else "no_dropout", arch}
 
     def skipped(c):
         return any(block_d in ds and set(cond.split("+")) <= conditions for cond, ds in c.get("skip", {}).items())
@@ -503,6 +526,11 @@ def _t_bucket(Tq, Tk):
     return triton.next_power_of_2(max(Tq, Tk))
 
 
+def _t_pad(Tq):
+    """The backward's lse/delta row length: Tq rounded up to ROW_PAD (every backward tile divides it)."""
+    return triton.cdiv(Tq, ROW_PAD) * ROW_PAD
+
+
 def _tma_scratch(device):
     """Triton's allocator for the tensor descriptors the kernels build on the device (128 bytes each), on the
     inputs' device: "cuda" would mean the current device, which is not theirs under DDP when the current device
@@ -572,18 +600,20 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    t_pad = _t_pad(Tq)
+    delta = torch.empty((B, H, t_pad), dtype=torch.float32, device=q.device)
+    lse_pad = torch.empty((B, H, t_pad), dtype=torch.float32, device=q.device)
     block_d = block_d_of(D)
     pre = PREPROCESS_CONFIG
-    _attn_bwd_preprocess[(triton.cdiv(Tq, pre["BLOCK_M"]), B * H)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq, HEAD_DIM=D, BLOCK_M=pre["BLOCK_M"],
-        BLOCK_D=block_d, num_warps=pre["num_warps"], num_stages=pre["num_stages"])
+    _attn_bwd_preprocess[(t_pad // pre["BLOCK_M"], B * H)](
+        o, do, lse, lse_pad, delta, *o.stride()[:3], *do.stride()[:3], H, Tq, t_pad, HEAD_DIM=D,
+        BLOCK_M=pre["BLOCK_M"], BLOCK_D=block_d, num_warps=pre["num_warps"], num_stages=pre["num_stages"])
     grid = lambda meta: (triton.cdiv(max(Tq, Tk), meta["BLOCK_OWN"]), B * H)  # noqa: E731
     _attn_bwd_tuned[grid](
-        q, k, v, do, dq, dk, dv, lse, delta, seed, scale, dropout_p,
+        q, k, v, do, dq, dk, dv, lse_pad, delta, seed, scale, dropout_p,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        H, Tq, Tk, _t_bucket(Tq, Tk), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+        H, Tq, Tk, t_pad, _t_bucket(Tq, Tk), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
         USE_TMA=_use_tma(q, k, v, do, dq, dk, dv), HEAD_DIM=D, BLOCK_D=block_d)
     return dq, dk, dv
 
@@ -692,6 +722,7 @@ def inspect_cases(problems=None, arch="sm_90"):
         common = dict(Seed=torch.int64, sm_scale=D ** -0.5, dropout_p=0.1 if dropout else 0.0)
         flags = dict(CAUSAL=causal, DROPOUT=dropout, USE_TMA=use_tma, HEAD_DIM=D, BLOCK_D=block_d)
         sizes = dict(H=H, Tq=T, Tk=T, T_BUCKET=_t_bucket(T, T))
+        bwd_sizes = dict(sizes, T_PAD=_t_pad(T))
         for c in configs_for(FWD_CONFIGS, block_d, dropout, arch):
             cases.append(launch_case("attention_fwd", _attn_fwd, c, problem, dict(
                 Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32, **common,
@@ -699,35 +730,38 @@ def inspect_cases(problems=None, arch="sm_90"):
                 **sizes, **flags)))
             cases[-1]["loops"] = _fwd_loops(c, block_d)
         cases.append(launch_case("attention_bwd_preprocess", _attn_bwd_preprocess, PREPROCESS_CONFIG, problem, dict(
-            O=dtype, DO=dtype, Delta=torch.float32, **_strides("o", dense), **_strides("do", do), H=H, Tq=T,
-            HEAD_DIM=D, BLOCK_D=block_d)))
+            O=dtype, DO=dtype, LSE=torch.float32, LSE_PAD=torch.float32, Delta=torch.float32,
+            **_strides("o", dense), **_strides("do", do), H=H, Tq=T, T_PAD=_t_pad(T), HEAD_DIM=D,
+            BLOCK_D=block_d)))
         for c in configs_for(BWD_CONFIGS, block_d, dropout, arch):
             cases.append(launch_case("attention_bwd", _attn_bwd, c, problem, dict(
                 Q=dtype, K=dtype, V=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE=torch.float32,
                 Delta=torch.float32, **common, **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv),
                 **_strides("do", do), **_strides("dq", dense), **_strides("dk", dense), **_strides("dv", dense),
-                **sizes, **flags)))
+                **bwd_sizes, **flags)))
             cases[-1]["loops"] = _bwd_loops(c, block_d, causal)
     return cases
 
 
-# The main loops for the static cost model (the contract: kernels/cost_model.py and kernels/inspect.py): the
-# innermost loops holding dots, in source order, with the MMA FLOPs one iteration needs (2*M*N*K per tl.dot, K and
-# N at BLOCK_D: padding a head dim of 96 to 128 is not counted as duplicated work) and the score tile it covers.
 def _fwd_loops(c, block_d):
-    m, n = c["BLOCK_M"], c["BLOCK_N"]
-    flops = 2 * (2 * m * n * block_d)  # S = Q K^T, acc += P V
-    return [{"name": "fwd", "masked": False, "mma_flops": flops, "tile": [m, n]},
-            {"name": "fwd_diag", "masked": True, "mma_flops": flops, "tile": [m, n]}]
+    """The forward's main loops for the cost model (the "loops" contract of kernels/inspect.py), in source order:
+    the unmasked key tiles, then the masked ones (causal diagonal or the tail past Tk). Per iteration: S = Q K^T and
+    O += P V, each 2*BLOCK_M*BLOCK_N*BLOCK_D FLOPs (BLOCK_D: a padded head dim counts as needed)."""
+    tile = [c["BLOCK_M"], c["BLOCK_N"]]
+    flops = 2 * 2 * c["BLOCK_M"] * c["BLOCK_N"] * block_d
+    return [dict(name="fwd", masked=False, mma_flops=flops, tile=tile),
+            dict(name="fwd_mask", masked=True, mma_flops=flops, tile=tile)]
 
 
 def _bwd_loops(c, block_d, causal):
-    own, walk = c["BLOCK_OWN"], c["BLOCK_WALK"]
-    dkdv = {"mma_flops": 4 * (2 * own * walk * block_d), "tile": [own, walk]}  # S^T, dP^T, dV, dK
-    dq = {"mma_flops": 3 * (2 * own * walk * block_d), "tile": [own, walk]}    # S, dP, dQ
-    loops = [{"name": "dkdv", "masked": False, **dkdv}, {"name": "dq", "masked": False, **dq}]
-    if causal:  # the diagonal dK/dV loop runs first, the diagonal dQ loop last
-        loops = [{"name": "dkdv_diag", "masked": True, **dkdv}, *loops, {"name": "dq_diag", "masked": True, **dq}]
+    """The backward's main loops, in source order (see _attn_bwd). dkdv: S^T, dP^T, dV += P^T dO, dK += dS^T Q
+    (4 dots); dq: S, dP, dQ += dS K (3 dots); each 2*BLOCK_OWN*BLOCK_WALK*BLOCK_D FLOPs per iteration."""
+    tile = [c["BLOCK_OWN"], c["BLOCK_WALK"]]
+    one = 2 * c["BLOCK_OWN"] * c["BLOCK_WALK"] * block_d
+    dkdv, dq = dict(mma_flops=4 * one, tile=tile), dict(mma_flops=3 * one, tile=tile)
+    loops = [dict(name="dkdv_diag", masked=True, **dkdv)] if causal else []
+    loops += [dict(name="dkdv", masked=False, **dkdv), dict(name="dq", masked=False, **dq),
+              dict(name="dq_mask", masked=True, **dq)]
     return loops
 
 

@@ -40,6 +40,7 @@ def check(q, k, v, causal, dtype, **kwargs):
     for name, g, g_ref in zip("qkv", grads, grads_ref):
         assert g.dtype == dtype
         assert relative_error(g, g_ref, scale=do) <= tol, f"d{name}"
+    return grads
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -119,6 +120,62 @@ def test_tensor_descriptor_path_reads_strided_views_and_drops_out(tma_path):
     keep = dropout_mask(B, H, T, T, 0.3, seed, device=DEVICE)
     torch.manual_seed(9)
     check(q, k, v, True, torch.float32, dropout_p=0.3, keep=keep)
+
+
+def large_score_qkv(Tq, Tk, dtype, score, D=16):
+    """q, k, v whose every score q.k * D^-0.5 is `score` (q and k share one large first coordinate), plus small
+    noise in the other coordinates and in v so that the gradients are not trivially zero."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, Tq, D, dtype=torch.float64) * 0.05
+    k = torch.randn(1, 2, Tk, D, dtype=torch.float64) * 0.05
+    v = torch.randn(1, 2, Tk, D, dtype=torch.float64)
+    x = math.sqrt(abs(score) * math.sqrt(D))
+    q[..., 0], k[..., 0] = x, math.copysign(x, score)
+    return [t.to(dtype).to(DEVICE).requires_grad_() for t in (q, k, v)]
+
+
+# (Tq, Tk): none a multiple of any key block (the interpreter walks 16 keys, the GPU configs 16..128)
+LARGE_SCORE_LENGTHS = [(1, 1), (2, 2), (3, 3), (17, 17), (3, 17), (17, 3)]
+
+
+def check_large_scores(Tq, Tk, dtype, score, causal=False, **kwargs):
+    q, k, v = large_score_qkv(Tq, Tk, dtype, score)
+    grads = check(q, k, v, causal, dtype, **kwargs)
+    for name, g in zip("qkv", grads):
+        assert torch.isfinite(g).all(), f"d{name} is not finite"
+
+
+@pytest.mark.parametrize("score", ["negative", "positive"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("lengths", LARGE_SCORE_LENGTHS, ids=str)
+def test_backward_with_large_scores_and_ragged_lengths(lengths, dtype, score):
+    """Every score -16 (fp16) or -100 (fp32), or as large positive: a key row past Tk loads as zeros, so its
+    score is 0 and its unmasked weight 2^(-lse) overflows when the real scores are strongly negative; dQ must
+    mask it (it used to return NaN: inf * 0 in dS K)."""
+    magnitude = 100.0 if dtype == torch.float32 else 16.0
+    check_large_scores(*lengths, dtype, magnitude if score == "positive" else -magnitude)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("lengths", [(3, 3), (17, 17), (3, 17)], ids=str)
+def test_backward_with_large_negative_scores_on_the_descriptor_path(tma_path, lengths, dtype):
+    check_large_scores(*lengths, dtype, -100.0 if dtype == torch.float32 else -16.0)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("path", ["pointer", "descriptor"])
+def test_backward_with_large_negative_scores_and_dropout(path, causal, monkeypatch):
+    if path == "descriptor":
+        monkeypatch.setattr(attention_module, "_use_tma", lambda *tensors: True)
+    Tq = Tk = 17
+    p = 0.2
+    q, k, v = large_score_qkv(Tq, Tk, torch.float16, -16.0)
+    torch.manual_seed(3)
+    _, seed = last_seed_of(q, k, v, causal, p)
+    keep = dropout_mask(1, 2, Tq, Tk, p, seed, device=DEVICE)
+    torch.manual_seed(3)
+    grads = check(q, k, v, causal, torch.float16, dropout_p=p, keep=keep)
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_strided_views_read_in_place():
