@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import autocast_dtype, check_device, check_float, interpreting, num_programs_hint
+from kernels.attention import _use_tma
 
 # fp32 inputs multiply in full fp32 ("ieee"), not TF32, so float32 matches the reference to 1e-5
 PRECISION: tl.constexpr = tl.constexpr("ieee")
@@ -52,34 +53,57 @@ CHUNK_WEIGHTS = 2
 
 
 @triton.jit
-def _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """s[rows, cols] = x[rows] @ W[cols]^T for one (BLOCK_M, BLOCK_V) tile, fp32, summed over BLOCK_K slices."""
+def _operand(base, rows, stride, C, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """What _logits_tile reads a (rows, C) operand through: a TMA tensor descriptor of (BLOCK_R, BLOCK_K) boxes
+    (made once per program; the hardware zero-fills past `rows` and past C), or the base pointer itself."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[rows, C], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_K])
+    else:
+        return base
+
+
+@triton.jit
+def _logits_tile(x_src, w_src, row0, col0, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """s[rows, cols] = x[rows] @ W[cols]^T for one (BLOCK_M, BLOCK_V) tile, fp32, summed over BLOCK_K slices.
+    rows/cols (and their masks) start at row0/col0; the TMA path needs only the starts."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < C
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        # W's tile read as (BLOCK_K, BLOCK_V), i.e. W^T directly: the same for the compiler as tl.trans of a
-        # (BLOCK_V, BLOCK_K) load, and a contiguous array for the interpreter's numpy matmul (100x faster)
-        wt = tl.load(W + cols[None, :] * stride_wv + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+        if USE_TMA:
+            # two bulk copies per slice into shared memory, pipelined num_stages deep; W's box is (BLOCK_V,
+            # BLOCK_K), K-major, which wgmma takes transposed from shared memory as it is
+            x = x_src.load([row0, k0])
+            w = w_src.load([col0, k0])
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < C
+            x = tl.load(x_src + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            # W's tile read as (BLOCK_K, BLOCK_V), i.e. W^T directly: the same for the compiler as tl.trans of a
+            # (BLOCK_V, BLOCK_K) load, and a contiguous array for the interpreter's numpy matmul (100x faster)
+            wt = tl.load(w_src + cols[None, :] * stride_wv + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
+                         other=0.0)
+            acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, N, V, C,
-             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
     # program (row block, split): rows [pid_m * BLOCK_M, +BLOCK_M), the split's share of the vocabulary tiles
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < N
     target = tl.load(Targets + rows, mask=row_mask, other=-1)
     tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), splits)
     lo = split * tiles_per_split * BLOCK_V
     hi = tl.minimum(lo + tiles_per_split * BLOCK_V, V)
+    x_src = _operand(X, N, stride_xm, C, BLOCK_M, BLOCK_K, USE_TMA)
+    w_src = _operand(W, V, stride_wv, C, BLOCK_V, BLOCK_K, USE_TMA)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s * log2(e) - m_i)
@@ -87,7 +111,8 @@ def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, 
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        s = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C, BLOCK_M, BLOCK_V, BLOCK_K)
+        s = _logits_tile(x_src, w_src, row0, v0, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
+                         BLOCK_M, BLOCK_V, BLOCK_K, USE_TMA)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
         s2 = tl.where(col_mask[None, :], s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
@@ -100,14 +125,19 @@ def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, 
 
 
 @triton.jit
-def _lce_dlogits(X, W, Targets, LSE, RowScale, DL, stride_xm, stride_wv, stride_dl, N, C, v_start, v_end,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lce_dlogits(X, W, Targets, LSE, RowScale, DL, stride_xm, stride_wv, stride_dl, N, V, C, v_start, v_end,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
     # one (BLOCK_M, BLOCK_V) tile of the chunk's dlogits = (softmax(s) - onehot(target)) * row_scale
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row0 = tl.program_id(0) * BLOCK_M
+    col0 = v_start + tl.program_id(1) * BLOCK_V
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = col0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < v_end
-    s = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C, BLOCK_M, BLOCK_V, BLOCK_K)
+    x_src = _operand(X, N, stride_xm, C, BLOCK_M, BLOCK_K, USE_TMA)
+    w_src = _operand(W, V, stride_wv, C, BLOCK_V, BLOCK_K, USE_TMA)
+    s = _logits_tile(x_src, w_src, row0, col0, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
+                     BLOCK_M, BLOCK_V, BLOCK_K, USE_TMA)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     scale = tl.load(RowScale + rows, mask=row_mask, other=0.0)  # 0 for ignored rows
     target = tl.load(Targets + rows, mask=row_mask, other=-1)
@@ -138,20 +168,28 @@ CONFIGS = {  # (kernel, fp32 inputs?) -> the launch configs
 }
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_V": 1024, "BLOCK_K": 128}, num_warps=4, num_stages=1)
 _KERNELS = {"fwd": _lce_fwd, "dlogits": _lce_dlogits}
-_AUTOTUNE_KEYS = {"fwd": ["V", "C"], "dlogits": ["C"]}  # the dtype is part of Triton's own cache key
+_AUTOTUNE_KEYS = {"fwd": ["V", "C", "USE_TMA"], "dlogits": ["C", "USE_TMA"]}  # dtype: in Triton's own key
 _TUNED = {(name, fp32): triton.autotune(configs, key=_AUTOTUNE_KEYS[name])(_KERNELS[name])
           for (name, fp32), configs in CONFIGS.items()}
 
 
-def _launch(name, dtype, config, grid, *args):
+def _launch(name, dtype, config, grid, use_tma, *args):
     """Run kernel `name` with `config` when given; else autotuned over CONFIGS on a GPU, INTERPRETER_CONFIG on the
-    interpreter (where timing means nothing). `grid` takes the launch's meta-parameters."""
+    interpreter (where timing means nothing). `grid` takes the launch's meta-parameters; `use_tma` picks the
+    tensor-descriptor loads (sm_90, aligned operands) or the pointer path."""
     if config is None and not interpreting():
-        _TUNED[name, dtype == torch.float32][grid](*args)
+        _TUNED[name, dtype == torch.float32][grid](*args, USE_TMA=use_tma)
         return
     config = config or INTERPRETER_CONFIG
-    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps,
+    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, USE_TMA=use_tma, num_warps=config.num_warps,
                                         num_stages=config.num_stages)
+
+
+def _tma_path(x, weight):
+    """Whether the kernels load x and W through TMA descriptors: fp16/bf16 (tensor-core) inputs on sm_90+ with
+    16-byte aligned rows (`_use_tma`, shared with attention). fp32 multiplies on the FMA units with its operands in
+    registers, where the descriptor path gains nothing and spills (255 registers on sm_90)."""
+    return x.dtype != torch.float32 and _use_tma(x, weight)
 
 
 def _num_splits(N, V, device):
@@ -171,7 +209,7 @@ def _forward(x, weight, targets, ignore_index, reduction, config=None, splits=No
     part_sum = torch.empty_like(part_max)
     part_target = torch.empty_like(part_max)
     if N > 0:
-        _launch("fwd", x.dtype, config, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits),
+        _launch("fwd", x.dtype, config, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits), _tma_path(x, weight),
                 x, weight, targets, part_max, part_sum, part_target, x.stride(0), weight.stride(0), N, V, C)
     row_max = part_max.max(dim=1).values
     lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
@@ -210,12 +248,13 @@ def _backward(grad, x, weight, targets, lse, ignore_index, reduction, config=Non
     dl_buffer = torch.empty((N, chunk), dtype=x.dtype, device=x.device)
     # dx sums over the chunks: in fp32 when there are several, directly in x's dtype when there is one
     dx = torch.empty_like(x) if chunk >= V else torch.zeros((N, C), dtype=torch.float32, device=x.device)
+    use_tma = _tma_path(x, weight)
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dl = dl_buffer[:, :v_end - v_start]
         _launch("dlogits", x.dtype, config,
-                lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(v_end - v_start, meta["BLOCK_V"])),
-                x, weight, targets, lse, row_scale, dl, x.stride(0), weight.stride(0), dl.stride(0), N, C,
+                lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(v_end - v_start, meta["BLOCK_V"])), use_tma,
+                x, weight, targets, lse, row_scale, dl, x.stride(0), weight.stride(0), dl.stride(0), N, V, C,
                 v_start, v_end)
         torch.mm(dl.t(), x, out=dweight[v_start:v_end])  # every row of x is in this chunk: dW's rows are final
         if chunk >= V:
@@ -323,25 +362,32 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return loss.view(shape) if reduction == "none" else loss
 
 
-def inspect_cases():
+def inspect_cases(arch="sm_90"):
     """What `python -m kernels.inspect` compiles (the contract is at the top of kernels/inspect.py): every shipped
-    config of both kernels, at GPT-2 124M's head (16K rows of width 768, vocabulary 50304)."""
-    from kernels.inspect import launch_case
+    config of both kernels, at GPT-2 124M's head (16K rows of width 768, vocabulary 50304), with the load path the
+    launch picks on `arch` (fp16/bf16: TMA descriptors on sm_90, pointers on sm_80; fp32: pointers). "loops" describes the one loop with a
+    tl.dot, the K-loop: one BLOCK_K slice of the (BLOCK_M, BLOCK_V) logits tile per iteration."""
+    from kernels.inspect import ARCHS, launch_case
     N, C, V = 16 * 1024, 768, 50304
+    tma_arch = ARCHS[arch]["capability"] >= 90
     chunk = _vocab_chunk(N, V, C)
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     cases = []
     for dtype in (torch.bfloat16, torch.float32):
         problem = {"dtype": names[dtype], "width": C, "vocab": V, "rows": N}
         fp32 = dtype == torch.float32
-        for config in CONFIGS["fwd", fp32]:
-            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            cases.append(launch_case("linear_cross_entropy_fwd", _lce_fwd, launch, problem, dict(
-                X=dtype, W=dtype, Targets=torch.int64, PartMax=torch.float32, PartSum=torch.float32,
-                PartTarget=torch.float32, stride_xm=C, stride_wv=C, N=N, V=V, C=C)))
-        for config in CONFIGS["dlogits", fp32]:
-            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            cases.append(launch_case("linear_cross_entropy_dlogits", _lce_dlogits, launch, problem, dict(
-                X=dtype, W=dtype, Targets=torch.int64, LSE=torch.float32, RowScale=torch.float32, DL=dtype,
-                stride_xm=C, stride_wv=C, stride_dl=chunk, N=N, C=C, v_start=chunk, v_end=2 * chunk)))
+        for name, kernel in (("fwd", _lce_fwd), ("dlogits", _lce_dlogits)):
+            for config in CONFIGS[name, fp32]:
+                launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                if name == "fwd":
+                    args = dict(PartMax=torch.float32, PartSum=torch.float32, PartTarget=torch.float32,
+                                stride_xm=C, stride_wv=C, N=N, V=V, C=C)
+                else:
+                    args = dict(LSE=torch.float32, RowScale=torch.float32, DL=dtype, stride_xm=C, stride_wv=C,
+                                stride_dl=chunk, N=N, V=V, C=C, v_start=chunk, v_end=2 * chunk)
+                case = launch_case(f"linear_cross_entropy_{name}", kernel, launch, problem,
+                                   dict(X=dtype, W=dtype, Targets=torch.int64, **args, USE_TMA=tma_arch and not fp32))
+                bm, bv, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_V"], config.kwargs["BLOCK_K"]
+                case["loops"] = [{"name": "k", "masked": False, "mma_flops": 2 * bm * bv * bk, "tile": [bm, bv]}]
+                cases.append(case)
     return cases
