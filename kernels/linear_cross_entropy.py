@@ -253,7 +253,8 @@ def _backward(grad, x, weight, targets, lse, ignore_index, reduction, config=Non
         v_end = min(v_start + chunk, V)
         dl = dl_buffer[:, :v_end - v_start]
         _launch("dlogits", x.dtype, config,
-                lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(v_end - v_start, meta["BLOCK_V"])), use_tma,
+                lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(v_end - v_start, meta["BLOCK_V"])),
+                use_tma,
                 x, weight, targets, lse, row_scale, dl, x.stride(0), weight.stride(0), dl.stride(0), N, V, C,
                 v_start, v_end)
         torch.mm(dl.t(), x, out=dweight[v_start:v_end])  # every row of x is in this chunk: dW's rows are final
@@ -365,8 +366,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 def inspect_cases(arch="sm_90"):
     """What `python -m kernels.inspect` compiles (the contract is at the top of kernels/inspect.py): every shipped
     config of both kernels, at GPT-2 124M's head (16K rows of width 768, vocabulary 50304), with the load path the
-    launch picks on `arch` (fp16/bf16: TMA descriptors on sm_90, pointers on sm_80; fp32: pointers). "loops" describes the one loop with a
-    tl.dot, the K-loop: one BLOCK_K slice of the (BLOCK_M, BLOCK_V) logits tile per iteration."""
+    launch picks on `arch` (fp16/bf16: TMA descriptors on sm_90, pointers on sm_80; fp32: pointers). "loops"
+    describes the one loop with a tl.dot, the K-loop: one BLOCK_K slice of the (BLOCK_M, BLOCK_V) logits tile per
+    iteration (kernels/inspect.py's cost model reads it)."""
     from kernels.inspect import ARCHS, launch_case
     N, C, V = 16 * 1024, 768, 50304
     tma_arch = ARCHS[arch]["capability"] >= 90
