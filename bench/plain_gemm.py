@@ -103,9 +103,9 @@ def _mma_flops(opcode, num_warps):
     m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode)
     if m:
         return 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) * (num_warps // 4)
-    m = re.match(r"HMMA\.(\d+)(\d)(\d+)", opcode)  # HMMA.16816: 16x8x16
-    if m:
-        return 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) * num_warps
+    shape = {"HMMA.16816": (16, 8, 16), "HMMA.1688": (16, 8, 8)}.get(".".join(opcode.split(".")[:2]))
+    if shape:
+        return 2 * shape[0] * shape[1] * shape[2] * num_warps
     return 0
 
 
