@@ -8,9 +8,12 @@ gradient as much again). Here they are never held whole.
 Forward (`_lce_fwd`): one program per (block of BLOCK_M rows, split of the vocabulary). It walks its BLOCK_V-wide
 vocabulary tiles; each logits tile is a tensor-core product x_block @ W_tile^T accumulated in fp32 over BLOCK_K
 slices of C, folded at once into an online logsumexp (running max m and sum l of exp(s - m), as in
-FlashAttention's softmax) while the target's logit is picked out of the tile that holds it. A program writes
-three floats per row (m, l, target logit); the splits (more programs when there are few row blocks) are merged
-in PyTorch on these (N, splits) vectors. Memory: O(N) floats.
+FlashAttention's softmax). The target's logit is a dot product x_i . W[t_i] per row, computed by the program
+whose split holds t_i (not picked out of every logits tile: that cost a compare, select and add per logit). A
+program writes three floats per row (m, l, target logit); the splits (more programs when there are few row blocks)
+are merged in PyTorch on these (N, splits) vectors. Memory: O(N) floats. On sm_90, fp16/bf16 x and W tiles are
+loaded by TMA (tensor descriptors made on the device, pipelined num_stages deep; the hardware zero-fills past N, V
+and C); elsewhere, and for fp32, by masked pointer loads (cp.async).
 
 Backward, with P = softmax(s) and g_i the upstream gradient of row i's loss (times 1/count for "mean"):
     dlogits = (P - onehot(t)) * g,    dx = dlogits @ W,    dW = dlogits^T @ x
@@ -105,15 +108,23 @@ def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, 
     x_src = _operand(X, N, stride_xm, C, BLOCK_M, BLOCK_K, USE_TMA)
     w_src = _operand(W, V, stride_wv, C, BLOCK_V, BLOCK_K, USE_TMA)
 
+    # the target's logit x_i . W[t_i], for the rows whose target is in this split's columns: one masked row gather
+    # per program instead of a compare, select and add per logit and a row reduction per logits tile
+    has_target = row_mask & (target >= lo) & (target < hi)
+    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in tl.range(0, C, BLOCK_K, num_stages=1):  # not worth pipelining: one row of W per row of x
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = has_target[:, None] & (ks < C)[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=mask, other=0.0)
+        w = tl.load(W + target[:, None] * stride_wv + ks[None, :], mask=mask, other=0.0)
+        target_logit += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s * log2(e) - m_i)
-    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         s = _logits_tile(x_src, w_src, row0, v0, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
                          BLOCK_M, BLOCK_V, BLOCK_K, USE_TMA)
-        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
         s2 = tl.where(col_mask[None, :], s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s2 - m_new[:, None]), axis=1)
@@ -141,8 +152,11 @@ def _lce_dlogits(X, W, Targets, LSE, RowScale, DL, stride_xm, stride_wv, stride_
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     scale = tl.load(RowScale + rows, mask=row_mask, other=0.0)  # 0 for ignored rows
     target = tl.load(Targets + rows, mask=row_mask, other=-1)
-    p = tl.math.exp2((s - lse[:, None]) * LOG2E)
-    dl = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * scale[:, None]
+    # per logit: one FFMA into the exponential, and the one-hot as a 32-bit compare of the column within the tile
+    # against the target's (-1 when elsewhere; computed per row in 64 bits)
+    target_col = tl.where((target >= col0) & (target < col0 + BLOCK_V), target - col0, -1).to(tl.int32)
+    p = tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None])
+    dl = (p - tl.where(tl.arange(0, BLOCK_V)[None, :] == target_col[:, None], 1.0, 0.0)) * scale[:, None]
     tl.store(DL + rows[:, None] * stride_dl + (cols - v_start)[None, :], dl.to(DL.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
@@ -163,7 +177,7 @@ def _configs(entries):
 CONFIGS = {  # (kernel, fp32 inputs?) -> the launch configs
     ("fwd", False): _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
     ("dlogits", False): _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
-    ("fwd", True): _configs([(64, 64, 32, 8, 2), (128, 64, 32, 8, 2)]),
+    ("fwd", True): _configs([(64, 64, 32, 8, 2), (128, 64, 16, 8, 1)]),
     ("dlogits", True): _configs([(64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)]),
 }
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_V": 1024, "BLOCK_K": 128}, num_warps=4, num_stages=1)
