@@ -25,9 +25,11 @@ from collections import Counter
 import triton
 import triton.language as tl
 
-# the loss head's bf16 tiles on sm_90 (kernels.linear_cross_entropy.CONFIGS): (BLOCK_M, BLOCK_N, BLOCK_K, warps,
-# stages)
-CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]
+from kernels.linear_cross_entropy import CONFIGS as LOSS_HEAD_CONFIGS
+
+# the loss head's fp16/bf16 forward tiles, from its own list: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+CONFIGS = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+           for c in LOSS_HEAD_CONFIGS["fwd", False]]
 M, N, K = 16 * 1024, 50304, 768  # GPT-2 124M's head as a GEMM: the logits of 16K rows
 
 
