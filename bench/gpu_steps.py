@@ -170,6 +170,8 @@ def _configs(rec, D, dropout, autotuned):
     interpreter's own config in the plan). A config list this code does not understand falls back to autotuning."""
     import contextlib
     import importlib
+
+    from kernels._common import block_d_of
     m = importlib.import_module("kernels.attention")
     if autotuned:
         return contextlib.nullcontext("autotuned")
@@ -177,7 +179,7 @@ def _configs(rec, D, dropout, autotuned):
         if rec.plan:
             fwd, bwd = m.INTERPRETER_FWD_CONFIG, m.INTERPRETER_BWD_CONFIG
         else:
-            arch, block_d = m._arch_of(rec.device), m._block_d(D)
+            arch, block_d = m._arch_of(rec.device), block_d_of(D)
             fwd = m.configs_for(m.FWD_CONFIGS, block_d, dropout, arch)[0]
             bwd = m.configs_for(m.BWD_CONFIGS, block_d, dropout, arch)[0]
         return m.forced_configs(fwd=fwd, bwd=bwd)

@@ -8,9 +8,12 @@ gradient as much again). Here they are never held whole.
 Forward (`_lce_fwd`): one program per (block of BLOCK_M rows, split of the vocabulary). It walks its BLOCK_V-wide
 vocabulary tiles; each logits tile is a tensor-core product x_block @ W_tile^T accumulated in fp32 over BLOCK_K
 slices of C, folded at once into an online logsumexp (running max m and sum l of exp(s - m), as in
-FlashAttention's softmax) while the target's logit is picked out of the tile that holds it. A program writes
-three floats per row (m, l, target logit); the splits (more programs when there are few row blocks) are merged
-in PyTorch on these (N, splits) vectors. Memory: O(N) floats.
+FlashAttention's softmax). The target's logit is a dot product x_i . W[t_i] per row, computed by the program
+whose split holds t_i (not picked out of every logits tile: that cost a compare, select and add per logit). A
+program writes three floats per row (m, l, target logit); the splits (more programs when there are few row blocks)
+are merged in PyTorch on these (N, splits) vectors. Memory: O(N) floats. On sm_90, fp16/bf16 x and W tiles are
+loaded by TMA (tensor descriptors made on the device, pipelined num_stages deep; the hardware zero-fills past N, V
+and C); elsewhere, and for fp32, by masked pointer loads (cp.async).
 
 Backward, with P = softmax(s) and g_i the upstream gradient of row i's loss (times 1/count for "mean"):
     dlogits = (P - onehot(t)) * g,    dx = dlogits @ W,    dW = dlogits^T @ x
@@ -52,6 +55,7 @@ from kernels._common import (
     launch_case,
     num_programs_hint,
 )
+from kernels.attention import _use_tma
 
 REDUCTIONS = ("mean", "sum", "none")
 # the dlogits chunk of the backward holds at most CHUNK_WEIGHTS * V * C elements (and at least one tile column)
@@ -59,43 +63,75 @@ CHUNK_WEIGHTS = 2
 
 
 @triton.jit
-def _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """s[rows, cols] = x[rows] @ W[cols]^T for one (BLOCK_M, BLOCK_V) tile, fp32, summed over BLOCK_K slices."""
+def _operand(base, rows, stride, C, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """What _logits_tile reads a (rows, C) operand through: a TMA tensor descriptor of (BLOCK_R, BLOCK_K) boxes
+    (made once per program; the hardware zero-fills past `rows` and past C), or the base pointer itself."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[rows, C], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_K])
+    else:
+        return base
+
+
+@triton.jit
+def _logits_tile(x_src, w_src, row0, col0, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """s[rows, cols] = x[rows] @ W[cols]^T for one (BLOCK_M, BLOCK_V) tile, fp32, summed over BLOCK_K slices.
+    rows/cols (and their masks) start at row0/col0; the TMA path needs only the starts."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < C
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        # W's tile read as (BLOCK_K, BLOCK_V), i.e. W^T directly: the same for the compiler as tl.trans of a
-        # (BLOCK_V, BLOCK_K) load, and a contiguous array for the interpreter's numpy matmul (100x faster)
-        wt = tl.load(W + cols[None, :] * stride_wv + ks[:, None], mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+        if USE_TMA:
+            # two bulk copies per slice into shared memory, pipelined num_stages deep; W's box is (BLOCK_V,
+            # BLOCK_K), K-major, which wgmma takes transposed from shared memory as it is
+            x = x_src.load([row0, k0])
+            w = w_src.load([col0, k0])
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < C
+            x = tl.load(x_src + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            # W's tile read as (BLOCK_V, BLOCK_K) rows, as it lies, then transposed: read as (BLOCK_K, BLOCK_V)
+            # instead, sm_80's K-loop needs 24 more byte permutes (PRMT) per iteration
+            w = tl.load(w_src + cols[:, None] * stride_wv + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, N, V, C,
-             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
     # program (row block, split): rows [pid_m * BLOCK_M, +BLOCK_M), the split's share of the vocabulary tiles
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < N
     target = tl.load(Targets + rows, mask=row_mask, other=-1)
     tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), splits)
     lo = split * tiles_per_split * BLOCK_V
     hi = tl.minimum(lo + tiles_per_split * BLOCK_V, V)
+    x_src = _operand(X, N, stride_xm, C, BLOCK_M, BLOCK_K, USE_TMA)
+    w_src = _operand(W, V, stride_wv, C, BLOCK_V, BLOCK_K, USE_TMA)
 
+    # the target's logit x_i . W[t_i], for the rows whose target is in this split's columns: one masked row gather
+    # per program instead of a compare, select and add per logit and a row reduction per logits tile
+    has_target = row_mask & (target >= lo) & (target < hi)
+    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in tl.range(0, C, BLOCK_K, num_stages=1):  # not worth pipelining: one row of W per row of x
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = has_target[:, None] & (ks < C)[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=mask, other=0.0)
+        w = tl.load(W + target[:, None] * stride_wv + ks[None, :], mask=mask, other=0.0)
+        target_logit += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s * log2(e) - m_i)
-    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        s = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C, BLOCK_M, BLOCK_V, BLOCK_K)
-        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
+        s = _logits_tile(x_src, w_src, row0, v0, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
+                         BLOCK_M, BLOCK_V, BLOCK_K, USE_TMA)
         s2 = tl.where(col_mask[None, :], s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s2 - m_new[:, None]), axis=1)
@@ -107,19 +143,27 @@ def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, 
 
 
 @triton.jit
-def _lce_dlogits(X, W, Targets, LSE, RowScale, DL, stride_xm, stride_wv, stride_dl, N, C, v_start, v_end,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lce_dlogits(X, W, Targets, LSE, RowScale, DL, stride_xm, stride_wv, stride_dl, N, V, C, v_start, v_end,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
     # one (BLOCK_M, BLOCK_V) tile of the chunk's dlogits = (softmax(s) - onehot(target)) * row_scale
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row0 = tl.program_id(0) * BLOCK_M
+    col0 = v_start + tl.program_id(1) * BLOCK_V
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = col0 + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < v_end
-    s = _logits_tile(X, W, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C, BLOCK_M, BLOCK_V, BLOCK_K)
+    x_src = _operand(X, N, stride_xm, C, BLOCK_M, BLOCK_K, USE_TMA)
+    w_src = _operand(W, V, stride_wv, C, BLOCK_V, BLOCK_K, USE_TMA)
+    s = _logits_tile(x_src, w_src, row0, col0, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
+                     BLOCK_M, BLOCK_V, BLOCK_K, USE_TMA)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     scale = tl.load(RowScale + rows, mask=row_mask, other=0.0)  # 0 for ignored rows
     target = tl.load(Targets + rows, mask=row_mask, other=-1)
-    p = tl.math.exp2((s - lse[:, None]) * LOG2E)
-    dl = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * scale[:, None]
+    # per logit: one FFMA into the exponential, and the one-hot as a 32-bit compare of the column within the tile
+    # against the target's (-1 when elsewhere; computed per row in 64 bits)
+    target_col = tl.where((target >= col0) & (target < col0 + BLOCK_V), target - col0, -1).to(tl.int32)
+    p = tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None])
+    dl = (p - tl.where(tl.arange(0, BLOCK_V)[None, :] == target_col[:, None], 1.0, 0.0)) * scale[:, None]
     tl.store(DL + rows[:, None] * stride_dl + (cols - v_start)[None, :], dl.to(DL.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
@@ -138,27 +182,35 @@ def _configs(entries):
 
 
 CONFIGS = {  # (kernel, fp32 inputs?) -> the launch configs
-    ("fwd", False): _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
+    ("fwd", False): _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 256, 64, 8, 3)]),
     ("dlogits", False): _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
-    ("fwd", True): _configs([(64, 64, 32, 8, 2), (128, 64, 32, 8, 2)]),
+    ("fwd", True): _configs([(64, 64, 32, 8, 2), (128, 64, 16, 8, 1)]),
     ("dlogits", True): _configs([(64, 64, 32, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)]),
 }
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_V": 1024, "BLOCK_K": 128}, num_warps=4, num_stages=1)
 _KERNELS = {"fwd": _lce_fwd, "dlogits": _lce_dlogits}
-_AUTOTUNE_KEYS = {"fwd": ["V", "C"], "dlogits": ["C"]}  # the dtype is part of Triton's own cache key
+_AUTOTUNE_KEYS = {"fwd": ["V", "C", "USE_TMA"], "dlogits": ["C", "USE_TMA"]}  # dtype: in Triton's own key
 _TUNED = {(name, fp32): triton.autotune(configs, key=_AUTOTUNE_KEYS[name])(_KERNELS[name])
           for (name, fp32), configs in CONFIGS.items()}
 
 
-def _launch(name, dtype, config, grid, *args):
+def _launch(name, dtype, config, grid, use_tma, *args):
     """Run kernel `name` with `config` when given; else autotuned over CONFIGS on a GPU, INTERPRETER_CONFIG on the
-    interpreter (where timing means nothing). `grid` takes the launch's meta-parameters."""
+    interpreter (where timing means nothing). `grid` takes the launch's meta-parameters; `use_tma` picks the
+    tensor-descriptor loads (sm_90, aligned operands) or the pointer path."""
     if config is None and not interpreting():
-        _TUNED[name, dtype == torch.float32][grid](*args)
+        _TUNED[name, dtype == torch.float32][grid](*args, USE_TMA=use_tma)
         return
     config = config or INTERPRETER_CONFIG
-    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps,
+    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, USE_TMA=use_tma, num_warps=config.num_warps,
                                         num_stages=config.num_stages)
+
+
+def _tma_path(x, weight):
+    """Whether the kernels load x and W through TMA descriptors: fp16/bf16 (tensor-core) inputs on sm_90+ with
+    16-byte aligned rows (`_use_tma`, shared with attention). fp32 multiplies on the FMA units with its operands in
+    registers, where the descriptor path gains nothing and spills (255 registers on sm_90)."""
+    return x.dtype != torch.float32 and _use_tma(x, weight)
 
 
 def _num_splits(N, V, device):
@@ -178,7 +230,7 @@ def _forward(x, weight, targets, ignore_index, reduction, config=None, splits=No
     part_sum = torch.empty_like(part_max)
     part_target = torch.empty_like(part_max)
     if N > 0:
-        _launch("fwd", x.dtype, config, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits),
+        _launch("fwd", x.dtype, config, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits), _tma_path(x, weight),
                 x, weight, targets, part_max, part_sum, part_target, x.stride(0), weight.stride(0), N, V, C)
     row_max = part_max.max(dim=1).values
     lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
@@ -217,12 +269,14 @@ def _backward(grad, x, weight, targets, lse, ignore_index, reduction, config=Non
     dl_buffer = torch.empty((N, chunk), dtype=x.dtype, device=x.device)
     # dx sums over the chunks: in fp32 when there are several, directly in x's dtype when there is one
     dx = torch.empty_like(x) if chunk >= V else torch.zeros((N, C), dtype=torch.float32, device=x.device)
+    use_tma = _tma_path(x, weight)
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dl = dl_buffer[:, :v_end - v_start]
         _launch("dlogits", x.dtype, config,
                 lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(v_end - v_start, meta["BLOCK_V"])),
-                x, weight, targets, lse, row_scale, dl, x.stride(0), weight.stride(0), dl.stride(0), N, C,
+                use_tma,
+                x, weight, targets, lse, row_scale, dl, x.stride(0), weight.stride(0), dl.stride(0), N, V, C,
                 v_start, v_end)
         torch.mm(dl.t(), x, out=dweight[v_start:v_end])  # every row of x is in this chunk: dW's rows are final
         if chunk >= V:
@@ -330,27 +384,32 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return loss.view(shape) if reduction == "none" else loss
 
 
-def inspect_cases():
+def inspect_cases(arch="sm_90"):
     """What `python -m kernels.inspect` compiles (the contract is at the top of kernels/inspect.py): every shipped
-    config of both kernels, at GPT-2 124M's head (16K rows of width 768, vocabulary 50304)."""
+    config of both kernels, at GPT-2 124M's head (16K rows of width 768, vocabulary 50304), with the load path the
+    launch picks on `arch` (fp16/bf16: TMA descriptors on sm_90, pointers on sm_80; fp32: pointers). "loops"
+    describes the one loop with a tl.dot, the K-loop: one BLOCK_K slice of the (BLOCK_M, BLOCK_V) logits tile per
+    iteration (kernels/inspect.py's cost model reads it)."""
     N, C, V = 16 * 1024, 768, 50304
+    tma_arch = int(arch.removeprefix("sm_")) >= 90  # as _use_tma decides on a GPU
     chunk = _vocab_chunk(N, V, C)
     cases = []
     for dtype in (torch.bfloat16, torch.float32):
         problem = {"dtype": DTYPE_NAMES[dtype], "width": C, "vocab": V, "rows": N}
         fp32 = dtype == torch.float32
-        for config in CONFIGS["fwd", fp32]:
-            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            cases.append(launch_case("linear_cross_entropy_fwd", _lce_fwd, launch, problem, dict(
-                X=dtype, W=dtype, Targets=torch.int64, PartMax=torch.float32, PartSum=torch.float32,
-                PartTarget=torch.float32, stride_xm=C, stride_wv=C, N=N, V=V, C=C)))
-            cases[-1]["loops"] = _k_loop(config)
-        for config in CONFIGS["dlogits", fp32]:
-            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            cases.append(launch_case("linear_cross_entropy_dlogits", _lce_dlogits, launch, problem, dict(
-                X=dtype, W=dtype, Targets=torch.int64, LSE=torch.float32, RowScale=torch.float32, DL=dtype,
-                stride_xm=C, stride_wv=C, stride_dl=chunk, N=N, C=C, v_start=chunk, v_end=2 * chunk)))
-            cases[-1]["loops"] = _k_loop(config)
+        for name, kernel in (("fwd", _lce_fwd), ("dlogits", _lce_dlogits)):
+            for config in CONFIGS[name, fp32]:
+                launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                if name == "fwd":
+                    args = dict(PartMax=torch.float32, PartSum=torch.float32, PartTarget=torch.float32,
+                                stride_xm=C, stride_wv=C, N=N, V=V, C=C)
+                else:
+                    args = dict(LSE=torch.float32, RowScale=torch.float32, DL=dtype, stride_xm=C, stride_wv=C,
+                                stride_dl=chunk, N=N, V=V, C=C, v_start=chunk, v_end=2 * chunk)
+                case = launch_case(f"linear_cross_entropy_{name}", kernel, launch, problem,
+                                   dict(X=dtype, W=dtype, Targets=torch.int64, **args, USE_TMA=tma_arch and not fp32))
+                case["loops"] = _k_loop(config)
+                cases.append(case)
     return cases
 
 

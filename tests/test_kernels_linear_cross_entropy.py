@@ -1,9 +1,12 @@
 """kernels.linear_cross_entropy against F.cross_entropy(x @ W^T) in float64: loss, dx, dW.
 
 Awkward shapes (V no multiple of any block, N = 1, rows past a block), ignored rows, all rows ignored, large
-logits, every shipped launch config, several vocabulary splits and backward chunks; the custom op's opcheck,
+logits, every shipped launch config, several vocabulary splits and backward chunks, through both load paths (TMA
+tensor descriptors, which sm_90 takes for fp16/bf16, and masked pointers); the custom op's opcheck,
 torch.compile(fullgraph=True), autocast, and the GPT with attn=triton against naive.
 """
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +16,8 @@ from helpers import DEVICE
 from kernels import linear_cross_entropy
 from kernels.linear_cross_entropy import CONFIGS, _backward, _forward, _linear_cross_entropy_fwd_op
 from kernels.testing import relative_error, tolerance
+
+lce_module = importlib.import_module("kernels.linear_cross_entropy")  # `kernels.linear_cross_entropy`: the function
 
 INTERPRETED = DEVICE == "cpu"
 DTYPES = [torch.float32, torch.float16,
@@ -69,17 +74,34 @@ def test_matches_float64_reference(N, C, V, scale, ignored, reduction, dtype):
         assert (x.grad[list(ignored)] == 0).all()
 
 
+def force_path(monkeypatch, tma):
+    """Launch the TMA (tensor-descriptor) path or the pointer path whatever the device (the interpreter runs
+    descriptors in fp32 and fp16); returns the list of the dtypes the launches asked for a path with."""
+    calls = []
+
+    def tma_path(x, weight):
+        calls.append(x.dtype)
+        return tma
+
+    monkeypatch.setattr(lce_module, "_tma_path", tma_path)
+    return calls
+
+
 def _config_cases():
     for dtype in (torch.float32, torch.float16):
         fp32 = dtype == torch.float32
         for index in range(max(len(CONFIGS["fwd", fp32]), len(CONFIGS["dlogits", fp32]))):
-            yield pytest.param(dtype, index, id=f"{str(dtype)[6:]}-{index}")
+            # fp32 ships on the pointer path only (see _tma_path); fp16/bf16 take TMA on sm_90, pointers on sm_80
+            for path in ("pointer",) if fp32 else ("pointer", "tma"):
+                yield pytest.param(dtype, index, path, id=f"{str(dtype)[6:]}-{index}-{path}")
 
 
-@pytest.mark.parametrize("dtype,index", list(_config_cases()))
-def test_every_shipped_config(dtype, index):
-    """Each launch config of both kernels for this dtype (as the GPU's autotuner may pick it), with 3 vocabulary
-    splits in the forward and 256-column chunks in the backward (dx summed over 4 chunks, the last one partial)."""
+@pytest.mark.parametrize("dtype,index,path", list(_config_cases()))
+def test_every_shipped_config(dtype, index, path, monkeypatch):
+    """Each launch config of both kernels for this dtype (as the GPU's autotuner may pick it), on each load path it
+    ships on, with 3 vocabulary splits in the forward and 256-column chunks in the backward (dx summed over 4
+    chunks, the last one partial)."""
+    calls = force_path(monkeypatch, path == "tma")
     fwd_configs, dlogits_configs = CONFIGS["fwd", dtype == torch.float32], CONFIGS["dlogits", dtype == torch.float32]
     fwd_config = fwd_configs[index % len(fwd_configs)]
     dlogits_config = dlogits_configs[index % len(dlogits_configs)]
@@ -92,6 +114,37 @@ def test_every_shipped_config(dtype, index):
     check(loss, loss_ref, tol, "loss")
     check(dx, dx_ref, tol, "dx")
     check(dw, dw_ref, tol, "dW")
+    assert calls == [dtype, dtype]  # the forward and the backward asked, and took the forced path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("N,C,V", [
+    (1, 32, 1003),      # one row; V no multiple of any block: the descriptor zero-fills W's rows past V
+    (37, 80, 517),      # odd N, rows past the block zero-filled; C no multiple of BLOCK_K: zeros past C
+    (131, 72, 300),     # rows past a 128-row block
+], ids=["N1", "N37", "N131"])
+def test_tensor_descriptor_path(N, C, V, dtype, monkeypatch):
+    """The TMA path at awkward shapes, forward and backward (several chunks), against float64."""
+    calls = force_path(monkeypatch, True)
+    x, w, targets = make_inputs(N, C, V, dtype, 3.0, ignored=(0,) if N > 1 else ())
+    loss, lse = _forward(x, w, targets, -1, "sum", splits=2)
+    grad = torch.tensor(1.3, device=DEVICE)
+    dx, dw = _backward(grad, x, w, targets, lse, -1, "sum", chunk=256)
+    loss_ref, dx_ref, dw_ref = reference(x, w, targets, "sum", grad)
+    tol = tolerance(dtype, "loss_head")
+    check(loss, loss_ref, tol, "loss")
+    check(dx, dx_ref, tol, "dx")
+    check(dw, dw_ref, tol, "dW")
+    assert calls == [dtype, dtype]
+
+
+def test_fp32_and_cpu_tensors_take_the_pointer_path():
+    """fp32 never takes the descriptor path (it spills on sm_90), nor does a tensor off a GPU."""
+    x, w, _ = make_inputs(4, 16, 40, torch.float32)
+    assert lce_module._tma_path(x, w) is False
+    if DEVICE == "cpu":
+        x, w, _ = make_inputs(4, 16, 40, torch.float16)
+        assert lce_module._tma_path(x, w) is False
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
