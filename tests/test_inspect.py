@@ -25,13 +25,10 @@ ARCHS = ("sm_90", "sm_80")
 # Keys: (kernel, arch, BLOCK_D, (the config's BLOCK_* values..., num_warps, num_stages)).
 ALLOWED = set()
 
-# Shipped configs whose main loops issue more MMA FLOPs than their tiles need (the static cost model, --loops: issued
-# / needed > 1.00, the warps compute the same tile twice), to be removed by the backward redesign (issue 23): with 8
-# warps and 64 owned rows both warpgroups compute the same S^T and dP^T tiles. The lead empties this after merging
-# the redesign. Keys as ALLOWED's.
-DUPLICATES_TO_BE_REMOVED_BY_THE_BACKWARD_REDESIGN = {
-    ("attention_bwd", arch, block_d, (64, 32, 8, 2)) for arch in ARCHS for block_d in (64, 128)} | {
-    ("attention_bwd", arch, 128, (64, 16, 8, 2)) for arch in ARCHS}
+# Shipped configs allowed to issue more MMA FLOPs than their tiles need (the static cost model, --loops: issued /
+# needed > 1.00, warps computing the same tile twice). Empty: the backward redesign (issue 23) removed the 8-warp,
+# 64-owned-row configs whose two warpgroups computed the same S^T and dP^T tiles. Keys as ALLOWED's.
+DUPLICATES_ALLOWED = set()
 
 # The problems compiled here: bf16 attention at head dims 64 and 128, causal or not, dropout off or on (fp16
 # compiles like bf16, and D=96 like D=128: they add rows, not code), and every LayerNorm/GELU case. Every shipped
@@ -101,7 +98,7 @@ def test_shipped_configs_are_clean(inspected, arch):
     assert not missing, f"shipped configs not compiled by this test: {missing}"
 
 
-def duplicating(rows, allowed=DUPLICATES_TO_BE_REMOVED_BY_THE_BACKWARD_REDESIGN):
+def duplicating(rows, allowed=DUPLICATES_ALLOWED):
     """The rows that fail the duplicated-work check: a described main loop issuing more MMA FLOPs than it needs
     (not in `allowed`), or described loops the cost model could not match to the machine code's MMA loops (the
     check would not see them) where the dots are on tensor cores."""
@@ -124,7 +121,7 @@ def test_duplicate_allow_list_is_still_needed(inspected):
     """An allowed config that no longer duplicates work (or is no longer shipped) must leave the list."""
     rows = [r for arch in ARCHS for r in inspected["rows"][arch]]
     still = {allow_key(r) for r in rows if duplicated_work(r)}
-    gone = DUPLICATES_TO_BE_REMOVED_BY_THE_BACKWARD_REDESIGN - still
+    gone = DUPLICATES_ALLOWED - still
     assert not gone, f"no duplicated work now (or unshipped), remove from the list: {sorted(gone)}"
 
 
