@@ -1,5 +1,6 @@
 """The timed JSON carries every derived figure; the report renders it; `python -m bench` runs one config."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,10 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
     r = subprocess.run([sys.executable, "-m", "pytest", "bench/test_kernels.py", "-q", "-p", "no:cacheprovider",
                         "-k", "gelu and float32", "--benchmark", f"--benchmark-json={out}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       # under pytest-xdist the worker's variables would make the inner run's pytest-benchmark
+                       # think it is a worker too, and then it writes no JSON
+                       env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 

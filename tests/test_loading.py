@@ -37,5 +37,5 @@ def test_checkpoint_from_another_model_or_file(trained, tmp_path, char_dataset):
     prepare_char("abc\n" * 100, char_dataset.parent / "abc")
     with pytest.raises(CheckpointError, match="was trained with vocab_size 34, but dataset abc has 4"):
         run(tiny_config(trained, init_from="resume", dataset="abc"))
-    with pytest.raises(CheckpointError, match=r"block_size: checkpoint 16 vs 32"):
+    with pytest.raises(CheckpointError, match=r"block_size: checkpoint 16 vs --block_size=32"):
         run(tiny_config(trained, init_from="resume", block_size=32))
