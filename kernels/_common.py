@@ -24,6 +24,12 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2
 _TRUE = ("1", "true", "yes", "on", "y")
 
 
+def arch_has_tma(arch: str) -> bool:
+    """Whether a GPU target ("sm_90", "sm_80") has TMA, the tensor-descriptor loads: Hopper (sm_90) on. The
+    launchers decide the same from the device's capability; the inspections of a target ask this."""
+    return int(arch.removeprefix("sm_")) >= 90
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter: TRITON_INTERPRET set (before triton is imported) to
     a value Triton reads as on. The one place this is decided: the kernels, kernels.inspect and the configs ask here."""

@@ -39,6 +39,7 @@ from kernels._common import (
     DTYPE_NAMES,
     LOG2E,
     PRECISION,
+    arch_has_tma,
     block_d_of,
     check_device,
     check_qkv,
@@ -709,7 +710,7 @@ def inspect_cases(problems=None, arch="sm_90"):
     """Every attention kernel x every launch config it can pick on a GPU x representative problems: GPT-2 124M's
     call (B=16, H=12, T=1024, q/k/v the (B, T, H, D).transpose(1, 2) views of c_attn's output), with the load
     path the launch picks on `arch` (TMA descriptors on sm_90, pointers on sm_80)."""
-    use_tma = int(arch.removeprefix("sm_")) >= 90  # as _use_tma decides on a GPU: TMA from Hopper (sm_90) on
+    use_tma = arch_has_tma(arch)  # as _use_tma decides on a GPU: TMA from Hopper (sm_90) on
     H, T = 12, 1024  # (B = 16 enters no stride nor size argument)
     cases = []
     for dtype, D, causal, dropout in problems or INSPECT_PROBLEMS:

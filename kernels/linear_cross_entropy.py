@@ -48,6 +48,7 @@ from kernels._common import (
     DTYPE_NAMES,
     LOG2E,
     PRECISION,
+    arch_has_tma,
     autocast_dtype,
     check_device,
     check_float,
@@ -391,7 +392,7 @@ def inspect_cases(arch="sm_90"):
     describes the one loop with a tl.dot, the K-loop: one BLOCK_K slice of the (BLOCK_M, BLOCK_V) logits tile per
     iteration (kernels/inspect.py's cost model reads it)."""
     N, C, V = 16 * 1024, 768, 50304
-    tma_arch = int(arch.removeprefix("sm_")) >= 90  # as _use_tma decides on a GPU
+    tma_arch = arch_has_tma(arch)
     chunk = _vocab_chunk(N, V, C)
     cases = []
     for dtype in (torch.bfloat16, torch.float32):
