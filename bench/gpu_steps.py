@@ -171,7 +171,7 @@ def _configs(rec, D, dropout, autotuned):
     import contextlib
     import importlib
 
-    from kernels._common import block_d_of
+    from kernels._common import arch_of, block_d_of
     m = importlib.import_module("kernels.attention")
     if autotuned:
         return contextlib.nullcontext("autotuned")
@@ -179,7 +179,7 @@ def _configs(rec, D, dropout, autotuned):
         if rec.plan:
             fwd, bwd = m.INTERPRETER_FWD_CONFIG, m.INTERPRETER_BWD_CONFIG
         else:
-            arch, block_d = m._arch_of(rec.device), block_d_of(D)
+            arch, block_d = arch_of(rec.device), block_d_of(D)
             fwd = m.configs_for(m.FWD_CONFIGS, block_d, dropout, arch)[0]
             bwd = m.configs_for(m.BWD_CONFIGS, block_d, dropout, arch)[0]
         return m.forced_configs(fwd=fwd, bwd=bwd)
@@ -210,14 +210,12 @@ def _qkv(rec, shape, dtype, path, seed, transposed=False):
 
 
 def check_attention(rec, label, shape, dtype, causal, p, path, seed):
-    import importlib
-
     from kernels import attention
+    from kernels._common import use_tma
     from kernels.attention import dropout_mask, last_seed_of
     from kernels.testing import relative_error, tolerance
-    module = importlib.import_module("kernels.attention")
     (q, k, v), do = _qkv(rec, shape, dtype, path, seed, transposed=label == "GPT-2")
-    used = "tma" if module._use_tma(q, k, v) else "pointers"
+    used = "tma" if use_tma(q, k, v) else "pointers"
     hopper = rec.device == "cuda" and torch.cuda.get_device_capability()[0] >= 9
     expected = path if hopper else "pointers"  # TMA needs Hopper: elsewhere every case takes the pointer path
     keep = None

@@ -30,6 +30,34 @@ def arch_has_tma(arch: str) -> bool:
     return int(arch.removeprefix("sm_")) >= 90
 
 
+def arch_of(device) -> str:
+    """The architecture family of a CUDA device as the config lists name it: "sm_90" (Hopper and later) or "sm_80"."""
+    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
+
+
+def tma_scratch(device):
+    """Triton's allocator for the tensor descriptors the kernels build on the device (128 bytes each), on the
+    inputs' device: "cuda" would mean the current device, which is not theirs under DDP when the current device
+    was never set, nor on a call with tensors on another GPU."""
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+    return allocate
+
+
+def use_tma(*tensors) -> bool:
+    """TMA tensor descriptors on Hopper and later, when every base address and row stride is 16-byte aligned
+    (the model's (B, T, H, D) views are); the pointer path on older GPUs and under the interpreter."""
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    ok = all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+             for t in tensors)
+    if ok:
+        # set at every launch: the allocator is a context variable, and autograd runs backward in its own thread
+        triton.set_allocator(tma_scratch(t0.device))
+    return ok
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter: TRITON_INTERPRET set (before triton is imported) to
     a value Triton reads as on. The one place this is decided: the kernels, kernels.inspect and the configs ask here."""

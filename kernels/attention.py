@@ -40,11 +40,13 @@ from kernels._common import (
     LOG2E,
     PRECISION,
     arch_has_tma,
+    arch_of,
     block_d_of,
     check_device,
     check_qkv,
     interpreting,
     launch_case,
+    use_tma,
 )
 
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
@@ -459,10 +461,6 @@ _check_coverage("fwd", FWD_CONFIGS)
 _check_coverage("bwd", BWD_CONFIGS)
 
 
-def _arch_of(device) -> str:
-    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
-
-
 # "fwd" or "bwd" -> the config entry every launch of it must use (set by `forced_configs`, for tests)
 _FORCED = {}
 
@@ -503,7 +501,7 @@ def _autotuned(fn, kind, configs, interpreter_config):
         if interpreting():
             return [triton_config(interpreter_config)]
         args = {**named_args, **kwargs}
-        block_d, dropout, arch = args["BLOCK_D"], args["DROPOUT"], _arch_of(args["Q"].device)
+        block_d, dropout, arch = args["BLOCK_D"], args["DROPOUT"], arch_of(args["Q"].device)
         allowed = [ident(c) for c in configs_for(configs, block_d, dropout, arch)]
         kept = [t for t in triton_configs
                 if tuple(t.kwargs[k] for k in keys) + (t.num_warps, t.num_stages) in allowed]
@@ -532,29 +530,6 @@ def _t_pad(Tq):
     return triton.cdiv(Tq, ROW_PAD) * ROW_PAD
 
 
-def _tma_scratch(device):
-    """Triton's allocator for the tensor descriptors the kernels build on the device (128 bytes each), on the
-    inputs' device: "cuda" would mean the current device, which is not theirs under DDP when the current device
-    was never set, nor on a call with tensors on another GPU."""
-    def allocate(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device=device)
-    return allocate
-
-
-def _use_tma(*tensors) -> bool:
-    """TMA tensor descriptors on Hopper and later, when every base address and row stride is 16-byte aligned
-    (the model's (B, T, H, D) views are); the pointer path on older GPUs and under the interpreter."""
-    t0 = tensors[0]
-    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
-        return False
-    ok = all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
-             for t in tensors)
-    if ok:
-        # set at every launch: the allocator is a context variable, and autograd runs backward in its own thread
-        triton.set_allocator(_tma_scratch(t0.device))
-    return ok
-
-
 def _draw_seed(device, dropout_p):
     """The dropout seed as a one-element int64 tensor on the inputs' device, drawn from torch's generator for that
     device: no host sync, and a CUDA-graph replay draws a new one."""
@@ -579,7 +554,7 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     _attn_fwd_tuned[grid](q, k, v, o, lse, seed, scale, dropout_p,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                           H, Tq, Tk, _t_bucket(Tq, Tk), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
-                          USE_TMA=_use_tma(q, k, v, o), HEAD_DIM=D, BLOCK_D=block_d_of(D))
+                          USE_TMA=use_tma(q, k, v, o), HEAD_DIM=D, BLOCK_D=block_d_of(D))
     return o, lse, seed
 
 
@@ -615,7 +590,7 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, Tq, Tk, t_pad, _t_bucket(Tq, Tk), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
-        USE_TMA=_use_tma(q, k, v, do, dq, dk, dv), HEAD_DIM=D, BLOCK_D=block_d)
+        USE_TMA=use_tma(q, k, v, do, dq, dk, dv), HEAD_DIM=D, BLOCK_D=block_d)
     return dq, dk, dv
 
 
@@ -710,7 +685,7 @@ def inspect_cases(problems=None, arch="sm_90"):
     """Every attention kernel x every launch config it can pick on a GPU x representative problems: GPT-2 124M's
     call (B=16, H=12, T=1024, q/k/v the (B, T, H, D).transpose(1, 2) views of c_attn's output), with the load
     path the launch picks on `arch` (TMA descriptors on sm_90, pointers on sm_80)."""
-    use_tma = arch_has_tma(arch)  # as _use_tma decides on a GPU: TMA from Hopper (sm_90) on
+    tma = arch_has_tma(arch)  # as use_tma decides on a GPU: TMA from Hopper (sm_90) on
     H, T = 12, 1024  # (B = 16 enters no stride nor size argument)
     cases = []
     for dtype, D, causal, dropout in problems or INSPECT_PROBLEMS:
@@ -721,7 +696,7 @@ def inspect_cases(problems=None, arch="sm_90"):
         problem = {"dtype": DTYPE_NAMES[dtype], "head_dim": D, "causal": causal, "dropout": dropout}
         block_d = block_d_of(D)
         common = dict(Seed=torch.int64, sm_scale=D ** -0.5, dropout_p=0.1 if dropout else 0.0)
-        flags = dict(CAUSAL=causal, DROPOUT=dropout, USE_TMA=use_tma, HEAD_DIM=D, BLOCK_D=block_d)
+        flags = dict(CAUSAL=causal, DROPOUT=dropout, USE_TMA=tma, HEAD_DIM=D, BLOCK_D=block_d)
         sizes = dict(H=H, Tq=T, Tk=T, T_BUCKET=_t_bucket(T, T))
         bwd_sizes = dict(sizes, T_PAD=_t_pad(T))
         for c in configs_for(FWD_CONFIGS, block_d, dropout, arch):

@@ -55,8 +55,8 @@ from kernels._common import (
     interpreting,
     launch_case,
     num_programs_hint,
+    use_tma,
 )
-from kernels.attention import _use_tma
 
 REDUCTIONS = ("mean", "sum", "none")
 # the dlogits chunk of the backward holds at most CHUNK_WEIGHTS * V * C elements (and at least one tile column)
@@ -195,23 +195,23 @@ _TUNED = {(name, fp32): triton.autotune(configs, key=_AUTOTUNE_KEYS[name])(_KERN
           for (name, fp32), configs in CONFIGS.items()}
 
 
-def _launch(name, dtype, config, grid, use_tma, *args):
+def _launch(name, dtype, config, grid, tma, *args):
     """Run kernel `name` with `config` when given; else autotuned over CONFIGS on a GPU, INTERPRETER_CONFIG on the
-    interpreter (where timing means nothing). `grid` takes the launch's meta-parameters; `use_tma` picks the
+    interpreter (where timing means nothing). `grid` takes the launch's meta-parameters; `tma` picks the
     tensor-descriptor loads (sm_90, aligned operands) or the pointer path."""
     if config is None and not interpreting():
-        _TUNED[name, dtype == torch.float32][grid](*args, USE_TMA=use_tma)
+        _TUNED[name, dtype == torch.float32][grid](*args, USE_TMA=tma)
         return
     config = config or INTERPRETER_CONFIG
-    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, USE_TMA=use_tma, num_warps=config.num_warps,
+    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, USE_TMA=tma, num_warps=config.num_warps,
                                         num_stages=config.num_stages)
 
 
 def _tma_path(x, weight):
     """Whether the kernels load x and W through TMA descriptors: fp16/bf16 (tensor-core) inputs on sm_90+ with
-    16-byte aligned rows (`_use_tma`, shared with attention). fp32 multiplies on the FMA units with its operands in
+    16-byte aligned rows (`use_tma`, shared with attention). fp32 multiplies on the FMA units with its operands in
     registers, where the descriptor path gains nothing and spills (255 registers on sm_90)."""
-    return x.dtype != torch.float32 and _use_tma(x, weight)
+    return x.dtype != torch.float32 and use_tma(x, weight)
 
 
 def _num_splits(N, V, device):
@@ -270,13 +270,13 @@ def _backward(grad, x, weight, targets, lse, ignore_index, reduction, config=Non
     dl_buffer = torch.empty((N, chunk), dtype=x.dtype, device=x.device)
     # dx sums over the chunks: in fp32 when there are several, directly in x's dtype when there is one
     dx = torch.empty_like(x) if chunk >= V else torch.zeros((N, C), dtype=torch.float32, device=x.device)
-    use_tma = _tma_path(x, weight)
+    tma = _tma_path(x, weight)
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dl = dl_buffer[:, :v_end - v_start]
         _launch("dlogits", x.dtype, config,
                 lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(v_end - v_start, meta["BLOCK_V"])),
-                use_tma,
+                tma,
                 x, weight, targets, lse, row_scale, dl, x.stride(0), weight.stride(0), dl.stride(0), N, V, C,
                 v_start, v_end)
         torch.mm(dl.t(), x, out=dweight[v_start:v_end])  # every row of x is in this chunk: dW's rows are final

@@ -166,8 +166,8 @@ def test_without_a_gpu_it_says_so():
 
 
 def test_tma_scratch_is_allocated_on_the_inputs_device():
-    from kernels.attention import _tma_scratch
-    scratch = _tma_scratch(torch.device("cpu"))(256, 128, 0)  # "cuda" here would fail: this machine has none
+    from kernels._common import tma_scratch
+    scratch = tma_scratch(torch.device("cpu"))(256, 128, 0)  # "cuda" here would fail: this machine has none
     assert scratch.device.type == "cpu" and scratch.numel() == 256 and scratch.dtype == torch.int8
 
 

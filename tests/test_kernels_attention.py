@@ -97,7 +97,7 @@ def tma_path(monkeypatch):
         calls.append(len(tensors))
         return True
 
-    monkeypatch.setattr(attention_module, "_use_tma", use_tma)
+    monkeypatch.setattr(attention_module, "use_tma", use_tma)
     return calls
 
 
@@ -166,7 +166,7 @@ def test_backward_with_large_negative_scores_on_the_descriptor_path(tma_path, le
 @pytest.mark.parametrize("path", ["pointer", "descriptor"])
 def test_backward_with_large_negative_scores_and_dropout(path, causal, monkeypatch):
     if path == "descriptor":
-        monkeypatch.setattr(attention_module, "_use_tma", lambda *tensors: True)
+        monkeypatch.setattr(attention_module, "use_tma", lambda *tensors: True)
     Tq = Tk = 17
     p = 0.2
     q, k, v = large_score_qkv(Tq, Tk, torch.float16, -16.0)
