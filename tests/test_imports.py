@@ -163,3 +163,14 @@ def test_the_real_inspect_module_closes_a_cycle_with_a_kernel_that_imports_it(tm
     files["kernels/gelu.py"] += "\n\ndef _inspect_back():\n    from kernels.inspect import ARCHS\n"
     write_package(tmp_path, files)
     assert find_cycles(module_imports(tmp_path)) == [["kernels.gelu", "kernels.inspect"]]
+
+
+def test_no_other_installed_distribution_ships_a_kernels_package():
+    """`kernels` is this project's import name; Hugging Face ships a package of the same name (transformers 5.25
+    requires it), which makes transformers import ours in its place and fail. pyproject.toml keeps it out."""
+    import importlib.metadata as md
+    others = sorted({d.metadata["Name"] for d in md.distributions()
+                     if d.metadata["Name"] and d.metadata["Name"].lower() != "nanogpt-kernels"
+                     and "kernels" in (d.read_text("top_level.txt") or "").split()})
+    others += [d.metadata["Name"] for d in md.distributions() if d.metadata["Name"] == "kernels"]
+    assert not others, f"installed distributions that also provide a top-level `kernels` package: {sorted(set(others))}"
