@@ -161,8 +161,10 @@ def ctas_per_sm(arch, registers, shared_bytes, num_warps):
     return max(0, min(by_regs, by_smem, by_threads, a["ctas_per_sm"]))
 
 
-def compile_case(case, arch, dump=None):
-    """Compile one case for `arch` and measure it: a row of the report."""
+def compile_case(case, arch, dump=None, cost="all"):
+    """Compile one case for `arch` and measure it: a row of the report. cost="mma" runs the static cost model
+    (and the disassembly it reads: about a third of a row's time) only where the dots became MMA instructions,
+    the rows the duplicated-work check reads; the others get cost None."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -176,7 +178,8 @@ def compile_case(case, arch, dump=None):
     compiled = triton.compile(source, target=target, options=options)
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     registers, stack = resource_usage(cubin)
-    sass = _cuobjdump_text(cubin, "-sass")
+    mma = mma_kind(ptx)
+    sass = _cuobjdump_text(cubin, "-sass") if cost == "all" or dump or mma != "none" else None
     shared = int(compiled.metadata.shared)
     num_warps = compiled.metadata.num_warps
     row_id = case_id(case, arch)
@@ -188,9 +191,9 @@ def compile_case(case, arch, dump=None):
     config.setdefault("num_warps", num_warps)
     config.setdefault("num_stages", compiled.metadata.num_stages)
     return {"id": row_id, "kernel": case["kernel"], "config": config, "arch": arch, "problem": case["problem"],
-            "registers": registers, "spill_bytes": stack, "shared_bytes": shared, "mma": mma_kind(ptx),
+            "registers": registers, "spill_bytes": stack, "shared_bytes": shared, "mma": mma,
             "tma": "cp.async.bulk.tensor" in ptx, "ctas_per_sm": ctas_per_sm(arch, registers, shared, num_warps),
-            "cost": loop_costs(sass, arch, num_warps, case.get("loops"))}
+            "cost": loop_costs(sass, arch, num_warps, case.get("loops")) if sass is not None else None}
 
 
 _WORKER_CASES = None
@@ -201,20 +204,22 @@ def _worker_init(cases):
     _WORKER_CASES = cases
 
 
-def _worker_compile(index, arch, dump):
-    return compile_case(_WORKER_CASES[index], arch, dump)
+def _worker_compile(index, arch, dump, cost):
+    return compile_case(_WORKER_CASES[index], arch, dump, cost)
 
 
-def inspect(arch="sm_90", kernels=None, jobs=2, dump=None, select=None):
-    """Compile every case for `arch` (in `jobs` processes) and return the rows, in the cases' order."""
+def inspect(arch="sm_90", kernels=None, jobs=2, dump=None, select=None, cost="all"):
+    """Compile every case for `arch` (in `jobs` processes) and return the rows, in the cases' order. `cost`: as
+    compile_case's."""
     cases = collect(kernels, select, arch)
     if jobs <= 1 or len(cases) < 2:
-        return [compile_case(c, arch, dump) for c in cases]
+        return [compile_case(c, arch, dump, cost) for c in cases]
     # forked workers inherit the cases (jit functions do not pickle) and are handed indices
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(cases,)) as pool:
         rows = []
-        for row in pool.map(_worker_compile, range(len(cases)), [arch] * len(cases), [dump] * len(cases)):
+        for row in pool.map(_worker_compile, range(len(cases)), [arch] * len(cases), [dump] * len(cases),
+                            [cost] * len(cases)):
             rows.append(row)
             if sys.stderr.isatty():
                 print(f"\rcompiled {len(rows)}/{len(cases)}", end="", file=sys.stderr, flush=True)

@@ -1,5 +1,6 @@
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -20,16 +21,38 @@ from nanogpt.checkpoint import (
 )
 from nanogpt.errors import OutDirInUse
 
-WRITER = """
-import sys, torch
+# One process imports torch once and forks a fresh writer per kill (12 interpreters starting torch cost ~25 s of
+# the suite). The parent runs no torch op, so the forked writers start with no thread pool to inherit.
+WRITERS = """
+import os, sys, torch
 sys.path.insert(0, {root!r})
 from nanogpt.checkpoint import save_checkpoint
-i = 0
-while True:
-    i += 1
-    save_checkpoint({{"model": {{"w": torch.full((4_000_000,), float(i))}}, "model_args": {{}}, "iter_num": i}}, {path!r})
-    print(i, flush=True)
+writer = None
+for _ in sys.stdin:  # one line per writer asked for
+    if writer:
+        os.waitpid(writer, 0)  # killed by the test before it asks again
+    writer = os.fork()
+    if writer == 0:
+        try:
+            i = 0
+            while True:
+                i += 1
+                save_checkpoint({{"model": {{"w": torch.full((4_000_000,), float(i))}}, "model_args": {{}},
+                                 "iter_num": i}}, {path!r})
+                print(i, flush=True)
+        except BaseException as e:  # not a hang: the test reads this line and fails
+            print("failed", repr(e), flush=True)
+            os._exit(1)
+    print("started", writer, flush=True)
+if writer:
+    os.waitpid(writer, 0)
 """
+
+
+def _next_line(proc):
+    line = proc.stdout.readline()
+    assert line and not line.startswith("failed"), f"the writer failed: {line or 'its process ended'}"
+    return line
 
 
 def test_kill_during_writes_never_leaves_a_torn_checkpoint(tmp_path):
@@ -38,21 +61,31 @@ def test_kill_during_writes_never_leaves_a_torn_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     rng = random.Random(0)
     kills, corrupt, last_seen = 0, 0, 0
-    for _ in range(12):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), path=str(path))],
-                                stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # at least one complete write
-        time.sleep(rng.uniform(0.0, 0.3))
-        proc.kill()
-        proc.wait()
-        kills += 1
-        try:
-            ckpt = load_checkpoint(path)
-            value = ckpt["model"]["w"]
-            assert bool((value == value[0]).all()) and ckpt["iter_num"] == int(value[0].item())
-            last_seen = ckpt["iter_num"]
-        except Exception:
-            corrupt += 1
+    forker = subprocess.Popen([sys.executable, "-c", WRITERS.format(root=str(ROOT), path=str(path))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(12):
+            forker.stdin.write("go\n")
+            forker.stdin.flush()
+            line = _next_line(forker)
+            while not line.startswith("started"):  # the last writer's lines from before its kill
+                line = _next_line(forker)
+            writer = int(line.split()[1])
+            while not _next_line(forker).strip().isdigit():  # at least one complete write
+                pass
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(writer, signal.SIGKILL)
+            kills += 1
+            try:
+                ckpt = load_checkpoint(path)
+                value = ckpt["model"]["w"]
+                assert bool((value == value[0]).all()) and ckpt["iter_num"] == int(value[0].item())
+                last_seen = ckpt["iter_num"]
+            except Exception:
+                corrupt += 1
+    finally:
+        forker.stdin.close()
+        forker.wait(timeout=60)
     assert kills == 12 and corrupt == 0 and last_seen >= 1
     print(f"{kills} kills during checkpoint writes, {corrupt} corrupt checkpoints")
 

@@ -16,15 +16,25 @@ from nanogpt.pretrained import PretrainedError
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module", params=["safetensors", "bin"])
-def hf_folder(request, tmp_path_factory):
+def _save_hf_gpt2(folder_factory, weights_format):
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=64,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # activation: gelu_new
     model = transformers.GPT2LMHeadModel(config).eval()
-    folder = tmp_path_factory.mktemp(f"gpt2-{request.param}")
-    model.save_pretrained(folder, safe_serialization=request.param == "safetensors")
+    folder = folder_factory.mktemp(f"gpt2-{weights_format}")
+    model.save_pretrained(folder, safe_serialization=weights_format == "safetensors")
     return folder, model
+
+
+@pytest.fixture(scope="module", params=["safetensors", "bin"])
+def hf_folder(request, tmp_path_factory):
+    """A saved GPT-2 in each weights format from_pretrained reads (the format matters to loading only)."""
+    return _save_hf_gpt2(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def hf_safetensors_folder(tmp_path_factory):
+    return _save_hf_gpt2(tmp_path_factory, "safetensors")
 
 
 @pytest.mark.parametrize("attn", available_backends())
@@ -68,9 +78,11 @@ def test_hub_name_offline_says_the_hub_cannot_be_reached(tmp_path, monkeypatch):
         GPT.from_pretrained("gpt2-xl")
 
 
-def test_finetune_and_sample_from_a_local_folder(hf_folder, data_dir, tmp_path):
-    """train.py --init_from=<folder> with a cropped block, then sample.py from its checkpoint and the folder."""
-    folder, _ = hf_folder
+def test_finetune_and_sample_from_a_local_folder(hf_safetensors_folder, data_dir, tmp_path):
+    """train.py --init_from=<folder> with a cropped block, then sample.py from its checkpoint and the folder. One
+    weights format: the commands reach the weights through GPT.from_pretrained, which the tests above load in
+    both formats (each format here cost ~15 s of the suite's time)."""
+    folder, _ = hf_safetensors_folder
     from helpers import SAMPLE_TEXT
     from nanogpt.data import prepare_bpe
     prepare_bpe(SAMPLE_TEXT, data_dir / "shakespeare")
