@@ -20,6 +20,17 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 PRECISION: tl.constexpr = tl.constexpr("ieee")
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): softmaxes run in base 2
 
+
+
+@triton.jit
+def tanh(z):
+    """tanh in fp32, for GELU's approximation and the logit softcaps (no libdevice call: it runs in the
+    interpreter too). (1 - e) / (1 + e) with e = exp(-2|z|) <= 1: never overflows, exact limits +-1 for large |z|."""
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
 # the values of TRITON_INTERPRET that Triton reads as on (its getenv_bool: case-insensitive, no spaces)
 _TRUE = ("1", "true", "yes", "on", "y")
 

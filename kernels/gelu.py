@@ -23,6 +23,7 @@ from kernels._common import (
     interpreting,
     launch_case,
     num_programs_hint,
+    tanh,
     warps_for,
 )
 
@@ -30,24 +31,16 @@ APPROXIMATIONS = ("none", "tanh")
 
 
 @triton.jit
-def _tanh(z):
-    # (1 - e) / (1 + e) with e = exp(-2|z|) <= 1: never overflows, exact limits +-1 for large |z|
-    e = tl.exp(-2.0 * tl.abs(z))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(z < 0, -t, t)
-
-
-@triton.jit
 def _gelu(u, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        return 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
+        return 0.5 * u * (1.0 + tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
     return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
 
 
 @triton.jit
 def _gelu_grad(u, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
-        t = _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
+        t = tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
         return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
     # d/du [u * Phi(u)] = Phi(u) + u * phi(u)
     return 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)) + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)

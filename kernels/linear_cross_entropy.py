@@ -55,6 +55,7 @@ from kernels._common import (
     interpreting,
     launch_case,
     num_programs_hint,
+    tanh,
     use_tma,
 )
 
@@ -100,8 +101,9 @@ def _logits_tile(x_src, w_src, row0, col0, rows, cols, row_mask, col_mask, strid
 
 
 @triton.jit
-def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, N, V, C,
-             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+def _lce_fwd(X, W, Targets, ClassWeight, PartMax, PartSum, PartTarget, PartSmooth, stride_xm, stride_wv, N, V, C,
+             softcap, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+             SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, HAS_WEIGHT: tl.constexpr):
     # program (row block, split): rows [pid_m * BLOCK_M, +BLOCK_M), the split's share of the vocabulary tiles
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -117,7 +119,8 @@ def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, 
     w_src = _operand(W, V, stride_wv, C, BLOCK_V, BLOCK_K, USE_TMA)
 
     # the target's logit x_i . W[t_i], for the rows whose target is in this split's columns: one masked row gather
-    # per program instead of a compare, select and add per logit and a row reduction per logits tile
+    # per program instead of a compare, select and add per logit and a row reduction per logits tile (capped, if
+    # SOFTCAP, by the caller: one tanh per row)
     has_target = row_mask & (target >= lo) & (target < hi)
     target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in tl.range(0, C, BLOCK_K, num_stages=1):  # not worth pipelining: one row of W per row of x
@@ -128,25 +131,40 @@ def _lce_fwd(X, W, Targets, PartMax, PartSum, PartTarget, stride_xm, stride_wv, 
         target_logit += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of s * log2(e)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s * log2(e) - m_i)
+    smooth = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SMOOTH: running sum of class_weight[v] * s_v
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         s = _logits_tile(x_src, w_src, row0, v0, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
                          BLOCK_M, BLOCK_V, BLOCK_K, USE_TMA)
+        if SOFTCAP:  # Gemma's final-logit softcap: softcap * tanh(s / softcap), before everything else
+            s = softcap * tanh(s / softcap)
         s2 = tl.where(col_mask[None, :], s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s2 - m_new[:, None]), axis=1)
         m_i = m_new
+        if SMOOTH:  # label smoothing's term needs the (weighted) sum of the row's logits
+            if HAS_WEIGHT:
+                class_w = tl.load(ClassWeight + cols, mask=col_mask, other=0.0)
+                smooth += tl.sum(tl.where(col_mask[None, :], s * class_w[None, :], 0.0), axis=1)
+            else:
+                smooth += tl.sum(tl.where(col_mask[None, :], s, 0.0), axis=1)
     out = rows * splits + split
     tl.store(PartMax + out, m_i / LOG2E, mask=row_mask)  # back to natural-log units
     tl.store(PartSum + out, l_i, mask=row_mask)
     tl.store(PartTarget + out, target_logit, mask=row_mask)
+    if SMOOTH:
+        tl.store(PartSmooth + out, smooth, mask=row_mask)
 
 
 @triton.jit
-def _lce_dlogits(X, W, Targets, LSE, RowScale, DL, stride_xm, stride_wv, stride_dl, N, V, C, v_start, v_end,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
-    # one (BLOCK_M, BLOCK_V) tile of the chunk's dlogits = (softmax(s) - onehot(target)) * row_scale
+def _lce_dlogits(X, W, Targets, ClassWeight, LSE, RowP, RowT, RowU, DL, stride_xm, stride_wv, stride_dl, N, V, C,
+                 v_start, v_end, softcap, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_TMA: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    # one (BLOCK_M, BLOCK_V) tile of the chunk's dlogits, with c the (capped) logits and p = softmax(c):
+    #     dl = p * row_p - onehot(target) * row_t - class_weight * row_u     (times dc/ds = 1 - tanh^2 if SOFTCAP)
+    # row_p, row_t, row_u: per-row coefficients from the upstream gradient (`_row_coefficients`; 0 for ignored
+    # rows); without smoothing or weights row_p = row_t = the row's gradient, and dl = (p - onehot) * g
     row0 = tl.program_id(0) * BLOCK_M
     col0 = v_start + tl.program_id(1) * BLOCK_V
     rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -157,14 +175,27 @@ def _lce_dlogits(X, W, Targets, LSE, RowScale, DL, stride_xm, stride_wv, stride_
     w_src = _operand(W, V, stride_wv, C, BLOCK_V, BLOCK_K, USE_TMA)
     s = _logits_tile(x_src, w_src, row0, col0, rows, cols, row_mask, col_mask, stride_xm, stride_wv, C,
                      BLOCK_M, BLOCK_V, BLOCK_K, USE_TMA)
+    if SOFTCAP:
+        capped = tanh(s / softcap)
+        s = softcap * capped
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-    scale = tl.load(RowScale + rows, mask=row_mask, other=0.0)  # 0 for ignored rows
+    row_p = tl.load(RowP + rows, mask=row_mask, other=0.0)
+    row_t = tl.load(RowT + rows, mask=row_mask, other=0.0)
     target = tl.load(Targets + rows, mask=row_mask, other=-1)
     # per logit: one FFMA into the exponential, and the one-hot as a 32-bit compare of the column within the tile
     # against the target's (-1 when elsewhere; computed per row in 64 bits)
     target_col = tl.where((target >= col0) & (target < col0 + BLOCK_V), target - col0, -1).to(tl.int32)
     p = tl.math.exp2(s * LOG2E - (lse * LOG2E)[:, None])
-    dl = (p - tl.where(tl.arange(0, BLOCK_V)[None, :] == target_col[:, None], 1.0, 0.0)) * scale[:, None]
+    dl = p * row_p[:, None] - tl.where(tl.arange(0, BLOCK_V)[None, :] == target_col[:, None], row_t[:, None], 0.0)
+    if SMOOTH:
+        row_u = tl.load(RowU + rows, mask=row_mask, other=0.0)
+        if HAS_WEIGHT:
+            class_w = tl.load(ClassWeight + cols, mask=col_mask, other=0.0)
+            dl -= row_u[:, None] * class_w[None, :]
+        else:
+            dl -= row_u[:, None]
+    if SOFTCAP:
+        dl = dl * (1.0 - capped * capped)
     tl.store(DL + rows[:, None] * stride_dl + (cols - v_start)[None, :], dl.to(DL.dtype.element_ty),
              mask=row_mask[:, None] & col_mask[None, :])
 
@@ -190,20 +221,22 @@ CONFIGS = {  # (kernel, fp32 inputs?) -> the launch configs
 }
 INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_V": 1024, "BLOCK_K": 128}, num_warps=4, num_stages=1)
 _KERNELS = {"fwd": _lce_fwd, "dlogits": _lce_dlogits}
-_AUTOTUNE_KEYS = {"fwd": ["V", "C", "USE_TMA"], "dlogits": ["C", "USE_TMA"]}  # dtype: in Triton's own key
+_FEATURES = ["SOFTCAP", "SMOOTH", "HAS_WEIGHT"]
+_AUTOTUNE_KEYS = {"fwd": ["V", "C", "USE_TMA", *_FEATURES], "dlogits": ["C", "USE_TMA", *_FEATURES]}  # dtype: in
+# Triton's own key
 _TUNED = {(name, fp32): triton.autotune(configs, key=_AUTOTUNE_KEYS[name])(_KERNELS[name])
           for (name, fp32), configs in CONFIGS.items()}
 
 
-def _launch(name, dtype, config, grid, tma, *args):
+def _launch(name, dtype, config, grid, flags, *args):
     """Run kernel `name` with `config` when given; else autotuned over CONFIGS on a GPU, INTERPRETER_CONFIG on the
-    interpreter (where timing means nothing). `grid` takes the launch's meta-parameters; `tma` picks the
-    tensor-descriptor loads (sm_90, aligned operands) or the pointer path."""
+    interpreter (where timing means nothing). `grid` takes the launch's meta-parameters; `flags` are the
+    constexpr choices (USE_TMA: the tensor-descriptor loads, sm_90 with aligned operands; the loss's features)."""
     if config is None and not interpreting():
-        _TUNED[name, dtype == torch.float32][grid](*args, USE_TMA=tma)
+        _TUNED[name, dtype == torch.float32][grid](*args, **flags)
         return
     config = config or INTERPRETER_CONFIG
-    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, USE_TMA=tma, num_warps=config.num_warps,
+    _KERNELS[name][grid(config.kwargs)](*args, **config.kwargs, **flags, num_warps=config.num_warps,
                                         num_stages=config.num_stages)
 
 
@@ -214,6 +247,11 @@ def _tma_path(x, weight):
     return x.dtype != torch.float32 and use_tma(x, weight)
 
 
+def _flags(x, weight, label_smoothing, softcap, class_weight):
+    return dict(USE_TMA=_tma_path(x, weight), SOFTCAP=softcap is not None, SMOOTH=label_smoothing > 0,
+                HAS_WEIGHT=class_weight is not None)
+
+
 def _num_splits(N, V, device):
     """Vocabulary splits per row block: enough programs to fill the device when there are few row blocks (the
     split results are merged on (N, splits) vectors). Fixed before the launch (it sizes the buffers), so it
@@ -222,29 +260,86 @@ def _num_splits(N, V, device):
     return max(1, min(16, triton.cdiv(num_programs_hint(device, per_sm=2), row_blocks), triton.cdiv(V, 1024)))
 
 
-def _forward(x, weight, targets, ignore_index, reduction, config=None, splits=None):
-    """(loss, lse): the loss as `reduction` asks (fp32), and each row's logsumexp (fp32, saved for backward)."""
+def _target_weights(targets, ignore_index, class_weight):
+    """(counted, w_t): which rows count, and each row's weight (its target's class weight; 1 without weights; 0
+    for ignored rows)."""
+    counted = targets != ignore_index
+    if class_weight is None:
+        return counted, counted.float()
+    V = class_weight.shape[0]
+    return counted, torch.where(counted, class_weight[targets.clamp(0, V - 1)], 0.0)
+
+
+def _denominators(counted, w_t, class_weight):
+    """What "mean" divides by: the counted rows' weights for the cross-entropy (as F.cross_entropy), their number
+    for the z-loss; 1 where that is 0 (every row ignored: the loss is 0, not 0/0)."""
+    count = counted.sum().float()
+    weights = count if class_weight is None else w_t.sum()
+    return torch.where(weights > 0, weights, 1.0), count.clamp_min(1)
+
+
+def _forward(x, weight, targets, ignore_index, reduction, *, class_weight=None, label_smoothing=0.0, z_loss=0.0,
+             softcap=None, config=None, splits=None):
+    """(loss, z term, lse): the loss as `reduction` asks (fp32, the z-loss term included), the z-loss term alone
+    (reduced the same way, for logging) and each row's logsumexp of the capped logits (fp32, saved for backward).
+
+    Per counted row i, with c the capped logits, t its target, w the class weights (1 without) and e the label
+    smoothing:  loss_i = (1 - e) w_t (lse_i - c_t) + e/V sum_v w_v (lse_i - c_v) + z_loss lse_i^2."""
     N, C = x.shape
     V = weight.shape[0]
     splits = splits or _num_splits(N, V, x.device)
     part_max = torch.empty((N, splits), dtype=torch.float32, device=x.device)
     part_sum = torch.empty_like(part_max)
     part_target = torch.empty_like(part_max)
+    part_smooth = torch.empty_like(part_max) if label_smoothing > 0 else part_max  # unread without smoothing
+    flags = _flags(x, weight, label_smoothing, softcap, class_weight)
     if N > 0:
-        _launch("fwd", x.dtype, config, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits), _tma_path(x, weight),
-                x, weight, targets, part_max, part_sum, part_target, x.stride(0), weight.stride(0), N, V, C)
+        _launch("fwd", x.dtype, config, lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), splits), flags,
+                x, weight, targets, part_max if class_weight is None else class_weight, part_max, part_sum,
+                part_target, part_smooth, x.stride(0), weight.stride(0), N, V, C, float(softcap or 1.0))
     row_max = part_max.max(dim=1).values
     lse = row_max + torch.log((part_sum * torch.exp(part_max - row_max[:, None])).sum(dim=1))
-    counted = targets != ignore_index
+    target_logit = part_target.sum(dim=1)
+    if softcap is not None:
+        target_logit = softcap * torch.tanh(target_logit / softcap)
+    counted, w_t = _target_weights(targets, ignore_index, class_weight)
+    row_loss = (1.0 - label_smoothing) * w_t * (lse - target_logit)
+    if label_smoothing > 0:
+        weight_sum = float(V) if class_weight is None else class_weight.sum()
+        row_loss = row_loss + label_smoothing / V * (weight_sum * lse - part_smooth.sum(dim=1))
+    row_loss = torch.where(counted, row_loss, 0.0)
     in_range = (targets >= 0) & (targets < V)
-    row_loss = torch.where(counted, lse - part_target.sum(dim=1), 0.0)
     row_loss = torch.where(counted & ~in_range, float("nan"), row_loss)  # a bad target: NaN, noticed by the caller
+    row_z = torch.where(counted, z_loss * lse * lse, 0.0)
     if reduction == "none":
-        return row_loss, lse
-    loss = row_loss.sum()
+        return row_loss + row_z, row_z, lse
+    ce, z = row_loss.sum(), row_z.sum()
     if reduction == "mean":
-        loss = loss / counted.sum().clamp_min(1)  # all rows ignored: 0, not 0/0
-    return loss, lse
+        ce_den, z_den = _denominators(counted, w_t, class_weight)
+        ce, z = ce / ce_den, z / z_den
+    return ce + z, z, lse
+
+
+def _row_coefficients(grad, targets, class_weight, lse, ignore_index, reduction, label_smoothing, z_loss, V):
+    """The per-row coefficients of _lce_dlogits (fp32, (N,) each; 0 for ignored rows): dloss/dc_v =
+    p_v row_p - [v = t] row_t - w_v row_u, from differentiating _forward's loss_i (sum_v p_v = 1)."""
+    N = targets.shape[0]
+    counted, w_t = _target_weights(targets, ignore_index, class_weight)
+    grad = grad.float().expand(N)
+    g_ce, g_z = grad, grad
+    if reduction == "mean":
+        ce_den, z_den = _denominators(counted, w_t, class_weight)
+        g_ce, g_z = grad / ce_den, grad / z_den
+    g_ce = torch.where(counted, g_ce, 0.0)
+    row_t = g_ce * (1.0 - label_smoothing) * w_t
+    row_p = row_t
+    row_u = g_ce * (label_smoothing / V)
+    if label_smoothing > 0:
+        weight_sum = float(V) if class_weight is None else class_weight.sum()
+        row_p = row_p + row_u * weight_sum
+    if z_loss:
+        row_p = row_p + torch.where(counted, g_z * (2.0 * z_loss) * lse, 0.0)
+    return row_p.contiguous(), row_t.contiguous(), row_u.contiguous()
 
 
 def _vocab_chunk(N, V, C):
@@ -254,15 +349,13 @@ def _vocab_chunk(N, V, C):
     return min(V, max(256, width // 256 * 256))
 
 
-def _backward(grad, x, weight, targets, lse, ignore_index, reduction, config=None, chunk=None):
+def _backward(grad, x, weight, targets, lse, ignore_index, reduction, *, class_weight=None, label_smoothing=0.0,
+              z_loss=0.0, softcap=None, config=None, chunk=None):
     """(dx, dweight) for the upstream gradient `grad` of the loss (a scalar, or (N,) for reduction="none")."""
     N, C = x.shape
     V = weight.shape[0]
-    counted = targets != ignore_index
-    grad = grad.float()
-    if reduction == "mean":
-        grad = grad / counted.sum().clamp_min(1)
-    row_scale = torch.where(counted, grad.expand(N), 0.0).contiguous()
+    row_p, row_t, row_u = _row_coefficients(grad, targets, class_weight, lse, ignore_index, reduction,
+                                            label_smoothing, z_loss, V)
     dweight = torch.empty_like(weight)
     if N == 0:
         return torch.zeros_like(x), dweight.zero_()
@@ -270,15 +363,15 @@ def _backward(grad, x, weight, targets, lse, ignore_index, reduction, config=Non
     dl_buffer = torch.empty((N, chunk), dtype=x.dtype, device=x.device)
     # dx sums over the chunks: in fp32 when there are several, directly in x's dtype when there is one
     dx = torch.empty_like(x) if chunk >= V else torch.zeros((N, C), dtype=torch.float32, device=x.device)
-    tma = _tma_path(x, weight)
+    flags = _flags(x, weight, label_smoothing, softcap, class_weight)
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dl = dl_buffer[:, :v_end - v_start]
         _launch("dlogits", x.dtype, config,
                 lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(v_end - v_start, meta["BLOCK_V"])),
-                tma,
-                x, weight, targets, lse, row_scale, dl, x.stride(0), weight.stride(0), dl.stride(0), N, V, C,
-                v_start, v_end)
+                flags,
+                x, weight, targets, row_p if class_weight is None else class_weight, lse, row_p, row_t, row_u,
+                dl, x.stride(0), weight.stride(0), dl.stride(0), N, V, C, v_start, v_end, float(softcap or 1.0))
         torch.mm(dl.t(), x, out=dweight[v_start:v_end])  # every row of x is in this chunk: dW's rows are final
         if chunk >= V:
             torch.mm(dl, weight[v_start:v_end], out=dx)
@@ -295,56 +388,94 @@ def _backward(grad, x, weight, targets, lse, ignore_index, reduction, config=Non
 
 
 @torch.library.custom_op("nanogpt_kernels::linear_cross_entropy_fwd", mutates_args=())
-def _linear_cross_entropy_fwd_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                                 reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_cross_entropy_fwd_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 class_weight: torch.Tensor | None, ignore_index: int, reduction: str,
+                                 label_smoothing: float, z_loss: float,
+                                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.autocast(x.device.type, enabled=False):
-        return _forward(x, weight, targets, ignore_index, reduction)
+        return _forward(x, weight, targets, ignore_index, reduction, class_weight=class_weight,
+                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
 
 @_linear_cross_entropy_fwd_op.register_fake
-def _(x, weight, targets, ignore_index, reduction):
+def _(x, weight, targets, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
     N = x.shape[0]
     loss = x.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
-    return loss, x.new_empty((N,), dtype=torch.float32)
+    return loss, torch.empty_like(loss), x.new_empty((N,), dtype=torch.float32)
 
 
 @torch.library.custom_op("nanogpt_kernels::linear_cross_entropy_bwd", mutates_args=())
 def _linear_cross_entropy_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 lse: torch.Tensor, ignore_index: int,
-                                 reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+                                 class_weight: torch.Tensor | None, lse: torch.Tensor, ignore_index: int,
+                                 reduction: str, label_smoothing: float, z_loss: float,
+                                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(x.device.type, enabled=False):
-        return _backward(grad, x, weight, targets, lse, ignore_index, reduction)
+        return _backward(grad, x, weight, targets, lse, ignore_index, reduction, class_weight=class_weight,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
 
 @_linear_cross_entropy_bwd_op.register_fake
-def _(grad, x, weight, targets, lse, ignore_index, reduction):
+def _(grad, x, weight, targets, class_weight, lse, ignore_index, reduction, label_smoothing, z_loss, softcap):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, targets, ignore_index, reduction = inputs
-    _, lse = output
-    ctx.save_for_backward(x, weight, targets, lse)
-    ctx.ignore_index, ctx.reduction = ignore_index, reduction
+    x, weight, targets, class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap = inputs
+    lse = output[2]
+    ctx.save_for_backward(x, weight, targets, class_weight, lse)
+    ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
 
 
-def _backward_autograd(ctx, grad, _dlse):
-    x, weight, targets, lse = ctx.saved_tensors
-    dx, dweight = _linear_cross_entropy_bwd_op(grad, x, weight, targets, lse, ctx.ignore_index, ctx.reduction)
-    return dx, dweight, None, None, None
+def _backward_autograd(ctx, grad, _dz, _dlse):
+    # the z term returned alone is detached (a figure to log): its gradient is in the loss's
+    x, weight, targets, class_weight, lse = ctx.saved_tensors
+    ignore_index, reduction, label_smoothing, z_loss, softcap = ctx.options
+    dx, dweight = _linear_cross_entropy_bwd_op(grad, x, weight, targets, class_weight, lse, ignore_index,
+                                               reduction, label_smoothing, z_loss, softcap)
+    return dx, dweight, None, None, None, None, None, None, None
 
 
 _linear_cross_entropy_fwd_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
+def _check_options(name, V, device, label_smoothing, z_loss, softcap, class_weight):
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing={label_smoothing}; it must be in [0, 1] (0 turns it off)")
+    if not (z_loss >= 0.0 and z_loss != float("inf")):
+        raise ValueError(f"{name}: z_loss={z_loss}; it must be a finite number >= 0 (PaLM used 1e-4; 0 turns it "
+                         f"off)")
+    if softcap is not None and not (softcap > 0.0 and softcap != float("inf")):
+        raise ValueError(f"{name}: softcap={softcap}; it must be a finite number > 0 (Gemma 2 uses 30.0), or None")
+    if class_weight is None:
+        return None
+    if not isinstance(class_weight, torch.Tensor) or class_weight.shape != (V,):
+        shape = tuple(class_weight.shape) if isinstance(class_weight, torch.Tensor) else type(class_weight).__name__
+        raise ValueError(f"{name}: class_weight is {shape}; expected a tensor of shape ({V},), one weight per class")
+    check_float(name, "class_weight", class_weight)
+    if class_weight.device != device:
+        raise ValueError(f"{name}: class_weight is on {class_weight.device} but x is on {device}: move it there")
+    return class_weight.detach().float().contiguous()  # a constant, as in F.cross_entropy: no gradient
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", *, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: float | None = None, class_weight: torch.Tensor | None = None,
+                         return_z_loss: bool = False):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index, reduction=reduction), without the logits.
 
     x: (..., C) float32/float16/bfloat16; weight: (V, C) of x's dtype; targets: int64 of x's leading shape.
     Under autocast, x and weight are cast to the autocast dtype (as F.linear would). fp32 accumulation; the loss
     is float32 (a scalar, or of targets' shape for reduction="none"). Rows whose target is ignore_index count
-    for nothing; "mean" divides by the counted rows and is 0 (with zero gradients) when there are none."""
+    for nothing; "mean" divides by the counted rows and is 0 (with zero gradients) when there are none.
+
+    Options, all inside the tiled online logsumexp (still no logits):
+      label_smoothing, class_weight: as F.cross_entropy's label_smoothing and weight (`weight` here is the
+        head's matrix, hence the name); "mean" divides by the counted rows' target weights, as it does.
+      z_loss: PaLM's auxiliary loss z_loss * logsumexp^2 per counted row, added to the loss ("mean": averaged
+        over the counted rows, whatever the class weights); return_z_loss=True returns (loss, z term), the
+        second detached, for logging.
+      softcap: Gemma 2's final-logit capping, logits -> softcap * tanh(logits / softcap), before all the above.
+    """
     name = "linear_cross_entropy"
     for what, t in (("x", x), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
@@ -364,6 +495,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     check_float(name, "x", x)
     check_float(name, "weight", weight)
     check_device(name, x, weight, targets)
+    class_weight = _check_options(name, weight.shape[0], x.device, label_smoothing, z_loss, softcap, class_weight)
     dtype = autocast_dtype(x.device)
     if dtype is not None:  # what F.linear does under autocast, done explicitly
         x, weight = x.to(dtype), weight.to(dtype)
@@ -380,37 +512,47 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         x = x.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    loss = _linear_cross_entropy_fwd_op(x, weight, targets.reshape(-1).contiguous(), int(ignore_index),
-                                        reduction)[0]
-    return loss.view(shape) if reduction == "none" else loss
+    loss, z, _ = _linear_cross_entropy_fwd_op(x, weight, targets.reshape(-1).contiguous(), class_weight,
+                                              int(ignore_index), reduction, float(label_smoothing), float(z_loss),
+                                              None if softcap is None else float(softcap))
+    if reduction == "none":
+        loss, z = loss.view(shape), z.view(shape)
+    return (loss, z.detach()) if return_z_loss else loss
 
 
 def inspect_cases(arch="sm_90"):
     """What `python -m kernels.inspect` compiles (the contract is at the top of kernels/inspect.py): every shipped
     config of both kernels, at GPT-2 124M's head (16K rows of width 768, vocabulary 50304), with the load path the
-    launch picks on `arch` (fp16/bf16: TMA descriptors on sm_90, pointers on sm_80; fp32: pointers). "loops"
-    describes the one loop with a tl.dot, the K-loop: one BLOCK_K slice of the (BLOCK_M, BLOCK_V) logits tile per
-    iteration (kernels/inspect.py's cost model reads it)."""
+    launch picks on `arch` (fp16/bf16: TMA descriptors on sm_90, pointers on sm_80; fp32: pointers), the plain
+    loss; and the first bf16 config of each kernel with every option on (softcap, label smoothing, class
+    weights: the most code one launch can carry). "loops" describes the one loop with a tl.dot, the K-loop: one
+    BLOCK_K slice of the (BLOCK_M, BLOCK_V) logits tile per iteration (kernels/inspect.py's cost model reads it)."""
     N, C, V = 16 * 1024, 768, 50304
     tma_arch = arch_has_tma(arch)
     chunk = _vocab_chunk(N, V, C)
+    f32 = torch.float32
     cases = []
     for dtype in (torch.bfloat16, torch.float32):
-        problem = {"dtype": DTYPE_NAMES[dtype], "width": C, "vocab": V, "rows": N}
         fp32 = dtype == torch.float32
         for name, kernel in (("fwd", _lce_fwd), ("dlogits", _lce_dlogits)):
-            for config in CONFIGS[name, fp32]:
-                launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-                if name == "fwd":
-                    args = dict(PartMax=torch.float32, PartSum=torch.float32, PartTarget=torch.float32,
-                                stride_xm=C, stride_wv=C, N=N, V=V, C=C)
-                else:
-                    args = dict(LSE=torch.float32, RowScale=torch.float32, DL=dtype, stride_xm=C, stride_wv=C,
-                                stride_dl=chunk, N=N, V=V, C=C, v_start=chunk, v_end=2 * chunk)
-                case = launch_case(f"linear_cross_entropy_{name}", kernel, launch, problem,
-                                   dict(X=dtype, W=dtype, Targets=torch.int64, **args, USE_TMA=tma_arch and not fp32))
-                case["loops"] = _k_loop(config)
-                cases.append(case)
+            for i, config in enumerate(CONFIGS[name, fp32]):
+                for options in [False] + ([True] if i == 0 and not fp32 else []):
+                    problem = {"dtype": DTYPE_NAMES[dtype], "width": C, "vocab": V, "rows": N}
+                    if options:
+                        problem["options"] = "softcap+smoothing+weights"
+                    launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                    if name == "fwd":
+                        args = dict(PartMax=f32, PartSum=f32, PartTarget=f32, PartSmooth=f32, stride_xm=C,
+                                    stride_wv=C, N=N, V=V, C=C)
+                    else:
+                        args = dict(LSE=f32, RowP=f32, RowT=f32, RowU=f32, DL=dtype, stride_xm=C, stride_wv=C,
+                                    stride_dl=chunk, N=N, V=V, C=C, v_start=chunk, v_end=2 * chunk)
+                    flags = dict(USE_TMA=tma_arch and not fp32, SOFTCAP=options, SMOOTH=options, HAS_WEIGHT=options)
+                    case = launch_case(f"linear_cross_entropy_{name}", kernel, launch, problem,
+                                       dict(X=dtype, W=dtype, Targets=torch.int64, ClassWeight=f32, **args,
+                                            softcap=30.0, **flags))
+                    case["loops"] = _k_loop(config)
+                    cases.append(case)
     return cases
 
 

@@ -1,7 +1,8 @@
 """kernels.linear_cross_entropy against F.cross_entropy(x @ W^T) in float64: loss, dx, dW.
 
 Awkward shapes (V no multiple of any block, N = 1, rows past a block), ignored rows, all rows ignored, large
-logits, every shipped launch config, several vocabulary splits and backward chunks, through both load paths (TMA
+logits, the options (label smoothing, z-loss, softcap, class weights) alone and together, every shipped launch
+config, several vocabulary splits and backward chunks, through both load paths (TMA
 tensor descriptors, which sm_90 takes for fp16/bf16, and masked pointers); the custom op's opcheck,
 torch.compile(fullgraph=True), autocast, and the GPT with attn=triton against naive.
 """
@@ -35,11 +36,21 @@ def make_inputs(N, C, V, dtype, scale=1.0, ignored=(), seed=0):
     return x.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE), targets.to(DEVICE)
 
 
-def reference(x, w, targets, reduction="mean", grad=None):
-    """loss, dx, dW of F.cross_entropy(x @ w^T) in float64, from the same (rounded) inputs."""
+def reference(x, w, targets, reduction="mean", grad=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+              class_weight=None):
+    """loss, dx, dW of F.cross_entropy(x @ w^T) in float64, from the same (rounded) inputs; with the options, the
+    logits capped first (softcap * tanh(s / softcap)), F.cross_entropy's label_smoothing and weight, and the
+    z-loss z_loss * logsumexp^2 per counted row added ("mean": over the counted rows)."""
     x64 = x.detach().double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
-    loss = F.cross_entropy(x64 @ w64.t(), targets, ignore_index=-1, reduction=reduction)
+    logits = x64 @ w64.t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction, label_smoothing=label_smoothing,
+                           weight=None if class_weight is None else class_weight.double())
+    counted = targets != -1
+    z = torch.where(counted, z_loss * torch.logsumexp(logits, dim=1) ** 2, 0.0)
+    loss = loss + {"none": z, "sum": z.sum(), "mean": z.sum() / counted.sum().clamp_min(1)}[reduction]
     loss.backward(grad.double() if grad is not None else None)
     return loss.detach(), x64.grad, w64.grad
 
@@ -74,6 +85,68 @@ def test_matches_float64_reference(N, C, V, scale, ignored, reduction, dtype):
         assert (x.grad[list(ignored)] == 0).all()
 
 
+# the loss head's options, alone and together (Liger-Kernel's grid): label smoothing, PaLM's z-loss (large enough
+# here to move the gradients visibly), Gemma's softcap (at 2.0 it flattens logits of scale 5), class weights
+OPTIONS = {
+    "smoothing": dict(label_smoothing=0.1),
+    "z_loss": dict(z_loss=0.05),
+    "softcap": dict(softcap=2.0),
+    "softcap_loose": dict(softcap=50.0),
+    "weights": dict(class_weight="random"),
+    "smoothing+weights": dict(label_smoothing=0.1, class_weight="random"),
+    "all": dict(label_smoothing=0.1, z_loss=0.05, softcap=2.0, class_weight="random"),
+}
+
+
+def _options(name, V, dtype=torch.float32):
+    options = dict(OPTIONS[name])
+    if options.get("class_weight") == "random":  # weights in [0.25, 2.25), one class weighted 0
+        weights = 0.25 + 2 * torch.rand(V, generator=torch.Generator().manual_seed(1))
+        weights[3] = 0.0
+        options["class_weight"] = weights.to(dtype).to(DEVICE)
+    return options
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option,dtype", [(name, torch.float32) for name in OPTIONS] + [("all", torch.float16)],
+                         ids=lambda v: str(v)[6:] if isinstance(v, torch.dtype) else v)
+def test_options_match_float64_reference(option, dtype, reduction):
+    """Each option (and all at once) against float64 F.cross_entropy with the same semantics: odd N and V, ignored
+    rows, logits of scale 5 (where a softcap of 2 bites)."""
+    N, C, V = 37, 80, 517
+    x, w, targets = make_inputs(N, C, V, dtype, 5.0, ignored=(0, 5, 36))
+    targets[7] = 3  # a row whose target has weight 0
+    options = _options(option, V)
+    x.requires_grad_()
+    w.requires_grad_()
+    grad = torch.randn(N, dtype=torch.float32, device=DEVICE) if reduction == "none" else None
+    loss = linear_cross_entropy(x, w, targets, reduction=reduction, **options)
+    loss.backward(grad)
+    loss_ref, dx_ref, dw_ref = reference(x, w, targets, reduction, grad, **options)
+    tol = tolerance(dtype, "loss_head")
+    check(loss, loss_ref, tol, "loss")
+    check(x.grad, dx_ref, tol, "dx")
+    check(w.grad, dw_ref, tol, "dW")
+    assert (x.grad[[0, 5, 36]] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_return_z_loss_gives_the_term_alone_detached(reduction):
+    x, w, targets = make_inputs(29, 32, 300, torch.float32, ignored=(2, 3))
+    x.requires_grad_()
+    loss, z = linear_cross_entropy(x, w, targets, reduction=reduction, z_loss=1e-2, return_z_loss=True)
+    plain = linear_cross_entropy(x, w, targets, reduction=reduction)
+    lse = torch.logsumexp(x.detach().double() @ w.double().t(), dim=1)
+    expected = torch.where(targets != -1, 1e-2 * lse ** 2, 0.0)
+    if reduction == "mean":
+        expected = expected.sum() / 27
+    check(z, expected, 1e-5, "z")
+    check(loss - z, plain, 1e-5, "loss without the z term")
+    assert not z.requires_grad and loss.requires_grad
+    zero_z = linear_cross_entropy(x, w, targets, return_z_loss=True)[1]
+    assert zero_z.item() == 0.0  # z_loss=0: the term is 0, the loss the plain one
+
+
 def force_path(monkeypatch, tma):
     """Launch the TMA (tensor-descriptor) path or the pointer path whatever the device (the interpreter runs
     descriptors in fp32 and fp16); returns the list of the dtypes the launches asked for a path with."""
@@ -96,20 +169,24 @@ def _config_cases():
                 yield pytest.param(dtype, index, path, id=f"{str(dtype)[6:]}-{index}-{path}")
 
 
+@pytest.mark.parametrize("options", ["plain", "all"])
 @pytest.mark.parametrize("dtype,index,path", list(_config_cases()))
-def test_every_shipped_config(dtype, index, path, monkeypatch):
+def test_every_shipped_config(dtype, index, path, options, monkeypatch):
     """Each launch config of both kernels for this dtype (as the GPU's autotuner may pick it), on each load path it
     ships on, with 3 vocabulary splits in the forward and 256-column chunks in the backward (dx summed over 4
-    chunks, the last one partial)."""
+    chunks, the last one partial); the plain loss, and every option on (each is a compile-time branch)."""
     calls = force_path(monkeypatch, path == "tma")
     fwd_configs, dlogits_configs = CONFIGS["fwd", dtype == torch.float32], CONFIGS["dlogits", dtype == torch.float32]
     fwd_config = fwd_configs[index % len(fwd_configs)]
     dlogits_config = dlogits_configs[index % len(dlogits_configs)]
     x, w, targets = make_inputs(131, 72, 1003, dtype, 5.0, ignored=(7, 130))
-    loss, lse = _forward(x, w, targets, -1, "sum", config=fwd_config, splits=3)
+    extra = {} if options == "plain" else _options("all", 1003)
+    if extra:
+        extra["class_weight"] = extra["class_weight"].float()  # as linear_cross_entropy passes it
+    loss, _, lse = _forward(x, w, targets, -1, "sum", config=fwd_config, splits=3, **extra)
     grad = torch.tensor(0.7, device=DEVICE)
-    dx, dw = _backward(grad, x, w, targets, lse, -1, "sum", config=dlogits_config, chunk=256)
-    loss_ref, dx_ref, dw_ref = reference(x, w, targets, "sum", grad)
+    dx, dw = _backward(grad, x, w, targets, lse, -1, "sum", config=dlogits_config, chunk=256, **extra)
+    loss_ref, dx_ref, dw_ref = reference(x, w, targets, "sum", grad, **extra)
     tol = tolerance(dtype, "loss_head")
     check(loss, loss_ref, tol, "loss")
     check(dx, dx_ref, tol, "dx")
@@ -127,7 +204,7 @@ def test_tensor_descriptor_path(N, C, V, dtype, monkeypatch):
     """The TMA path at awkward shapes, forward and backward (several chunks), against float64."""
     calls = force_path(monkeypatch, True)
     x, w, targets = make_inputs(N, C, V, dtype, 3.0, ignored=(0,) if N > 1 else ())
-    loss, lse = _forward(x, w, targets, -1, "sum", splits=2)
+    loss, _, lse = _forward(x, w, targets, -1, "sum", splits=2)
     grad = torch.tensor(1.3, device=DEVICE)
     dx, dw = _backward(grad, x, w, targets, lse, -1, "sum", chunk=256)
     loss_ref, dx_ref, dw_ref = reference(x, w, targets, "sum", grad)
@@ -193,7 +270,7 @@ def test_out_of_range_target():
                                          r"ignore_index=-1"):
         linear_cross_entropy(x, w, targets)
     # where no eager check runs (a GPU, or compiled), the row's loss is NaN: the trainer stops on it
-    loss, _ = _forward(x, w, targets, -1, "none")
+    loss, _, _ = _forward(x, w, targets, -1, "none")
     assert loss[2].isnan() and loss[[0, 1, 3, 4]].isfinite().all()
 
 
@@ -211,13 +288,24 @@ def test_bad_input_errors():
         linear_cross_entropy(x, w.half(), targets)
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
         linear_cross_entropy(x.long(), w, targets)
+    for options, message in (
+            (dict(label_smoothing=1.5), r"label_smoothing=1.5; it must be in \[0, 1\]"),
+            (dict(z_loss=-1.0), "z_loss=-1.0; it must be a finite number >= 0"),
+            (dict(softcap=0.0), "softcap=0.0; it must be a finite number > 0"),
+            (dict(class_weight=torch.ones(39)), r"class_weight is \(39,\); expected a tensor of shape \(40,\)"),
+            (dict(class_weight=torch.ones(40, dtype=torch.int64)), "class_weight has dtype torch.int64")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            linear_cross_entropy(x, w, targets, **options)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck(reduction):
+@pytest.mark.parametrize("reduction,options", [("mean", False), ("none", False), ("mean", True)])
+def test_opcheck(reduction, options):
     x, w, targets = make_inputs(19, 32, 300, torch.float32, ignored=(3,))
+    extra = (torch.rand(300, device=DEVICE), 0.1, 1e-3, 5.0) if options else (None, 0.0, 0.0, None)
+    class_weight, label_smoothing, z_loss, softcap = extra
     torch.library.opcheck(_linear_cross_entropy_fwd_op,
-                          (x.requires_grad_(), w.requires_grad_(), targets, -1, reduction))
+                          (x.requires_grad_(), w.requires_grad_(), targets, class_weight, -1, reduction,
+                           label_smoothing, z_loss, softcap))
 
 
 class TinyHead(nn.Module):
