@@ -21,7 +21,6 @@ PRECISION: tl.constexpr = tl.constexpr("ieee")
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): softmaxes run in base 2
 
 
-
 @triton.jit
 def tanh(z):
     """tanh in fp32, for GELU's approximation and the logit softcaps (no libdevice call: it runs in the

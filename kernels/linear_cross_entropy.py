@@ -270,6 +270,11 @@ def _target_weights(targets, ignore_index, class_weight):
     return counted, torch.where(counted, class_weight[targets.clamp(0, V - 1)], 0.0)
 
 
+def _weight_sum(V, class_weight):
+    """sum_v w_v, the weight label smoothing spreads over the vocabulary (V without class weights)."""
+    return float(V) if class_weight is None else class_weight.sum()
+
+
 def _denominators(counted, w_t, class_weight):
     """What "mean" divides by: the counted rows' weights for the cross-entropy (as F.cross_entropy), their number
     for the z-loss; 1 where that is 0 (every row ignored: the loss is 0, not 0/0)."""
@@ -305,8 +310,7 @@ def _forward(x, weight, targets, ignore_index, reduction, *, class_weight=None, 
     counted, w_t = _target_weights(targets, ignore_index, class_weight)
     row_loss = (1.0 - label_smoothing) * w_t * (lse - target_logit)
     if label_smoothing > 0:
-        weight_sum = float(V) if class_weight is None else class_weight.sum()
-        row_loss = row_loss + label_smoothing / V * (weight_sum * lse - part_smooth.sum(dim=1))
+        row_loss = row_loss + label_smoothing / V * (_weight_sum(V, class_weight) * lse - part_smooth.sum(dim=1))
     row_loss = torch.where(counted, row_loss, 0.0)
     in_range = (targets >= 0) & (targets < V)
     row_loss = torch.where(counted & ~in_range, float("nan"), row_loss)  # a bad target: NaN, noticed by the caller
@@ -335,8 +339,7 @@ def _row_coefficients(grad, targets, class_weight, lse, ignore_index, reduction,
     row_p = row_t
     row_u = g_ce * (label_smoothing / V)
     if label_smoothing > 0:
-        weight_sum = float(V) if class_weight is None else class_weight.sum()
-        row_p = row_p + row_u * weight_sum
+        row_p = row_p + row_u * _weight_sum(V, class_weight)
     if z_loss:
         row_p = row_p + torch.where(counted, g_z * (2.0 * z_loss) * lse, 0.0)
     return row_p.contiguous(), row_t.contiguous(), row_u.contiguous()

