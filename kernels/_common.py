@@ -24,10 +24,12 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2
 @triton.jit
 def tanh(z):
     """tanh in fp32, for GELU's approximation and the logit softcaps (no libdevice call: it runs in the
-    interpreter too). (1 - e) / (1 + e) with e = exp(-2|z|) <= 1: never overflows, exact limits +-1 for large |z|."""
-    e = tl.exp(-2.0 * tl.abs(z))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(z < 0, -t, t)
+    interpreter too), as 1 - 2 / (1 + exp(2z)): exact limits +-1 (exp overflows to inf: 1 - 0; underflows to 0:
+    1 - 2), an absolute error of a few 1e-7 near 0, where the callers add it to O(1) terms. One exp2, one
+    approximate reciprocal, two FMAs: the (1 - e) / (1 + e) form with an IEEE division cost ~10 instructions
+    more per element, in the attention softcap per score (sm_90 SASS, `python -m kernels.inspect --loops`)."""
+    d = 1.0 + tl.exp2(z * (2.0 * LOG2E))
+    return 1.0 - tl.fdiv(tl.full(d.shape, 2.0, tl.float32), d)  # fdiv takes tensors only (the interpreter's)
 
 
 # the values of TRITON_INTERPRET that Triton reads as on (its getenv_bool: case-insensitive, no spaces)
@@ -105,8 +107,9 @@ def num_programs_hint(device: torch.device, per_sm: int = 4) -> int:
 
 
 def check_qkv(name: str, q, k, v, kv_shape: str) -> None:
-    """q, k, v: 4-d (B, H, T, D) float tensors of one dtype, k and v of one shape with q's B, H and D.
-    `kv_shape` says in the error what k and v must be, e.g. "(B, H, Tk, D) with q's B, H and D"."""
+    """q, k, v: 4-d (B, H, T, D) float tensors of one dtype, k and v of one shape (B, H_kv, Tk, D) with q's B and
+    D and H_kv dividing H (grouped-query attention: H / H_kv query heads share a kv head). `kv_shape` says in the
+    error what k and v must be."""
     for what, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name}: {what} must be a 4-d tensor (B, H, T, D), got "
@@ -115,7 +118,7 @@ def check_qkv(name: str, q, k, v, kv_shape: str) -> None:
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, _, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] == 0 or H % k.shape[1] or k.shape[3] != D:
         raise ValueError(f"{name}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)} (k and v {kv_shape})")
 
@@ -150,7 +153,8 @@ def launch_case(kernel, fn, config, problem, args):
     launcher passes `fn` (every parameter, by name): torch dtypes stand for tensors, ints and floats for scalars,
     and constexpr parameters take their values; `config` holds the meta-parameters (BLOCK_M, ...) and
     num_warps/num_stages (extra keys, such as a list's own bookkeeping, are ignored unless they name a parameter of
-    fn). Integer values are kept, so the inspection specializes them as Triton's JIT does at launch."""
+    fn). Integer values are kept, so the inspection specializes them as Triton's JIT does at launch (an integer 1
+    becomes a constant, multiples of 16 get the divisibility attribute)."""
     meta = {k: v for k, v in config.items() if k in fn.arg_names}
     args = {**args, **meta}
     missing = [p for p in fn.arg_names if p not in args]
@@ -166,6 +170,9 @@ def launch_case(kernel, fn, config, problem, args):
             signature[param.name] = "*" + DTYPE_NAMES[value]
         elif isinstance(value, bool):
             signature[param.name] = "i1"
+        elif isinstance(value, int) and value == 1 and not param.do_not_specialize:
+            signature[param.name] = "constexpr"  # as the JIT compiles an integer 1 (GROUP=1: no GQA loop left)
+            constexprs[param.name] = value
         elif isinstance(value, int):
             signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
             values[param.name] = value

@@ -46,10 +46,11 @@ from kernels._common import (
     check_qkv,
     interpreting,
     launch_case,
+    tanh,
     use_tma,
 )
 
-HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
+HEAD_DIMS = tuple(range(8, 257, 8))  # BLOCK_D pads each to a power of two; TMA rows need 16 bytes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,30 +109,98 @@ def _keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N:
     return tl.random.uint_to_uniform_float(r) >= dropout_p
 
 
+@triton.jit
+def _within(x, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """lo <= x <= hi, elementwise after broadcast (at least one flag on; a side without its flag is unbounded)."""
+    if HAS_HI:
+        ok = x <= hi
+        if HAS_LO:
+            ok = ok & (x >= lo)
+    else:
+        ok = x >= lo
+    return ok
+
+
+@triton.jit
+def _visible(i, j, Tk, lo_off, hi_off, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Whether queries i see keys j (i a column, j a row of indices): j < Tk, and inside the window
+    i + lo_off <= j <= i + hi_off (a side without its flag is unbounded). Causal is the right side at Tk - Tq.
+    The offsets go on the query column, which the key walk does not change: one compare per score and side."""
+    ok = j < Tk
+    if WINDOW_LEFT or WINDOW_RIGHT:
+        ok = ok & _within(j, i + lo_off, i + hi_off, WINDOW_LEFT, WINDOW_RIGHT)
+    return ok
+
+
+@triton.jit
+def _walk_ranges(first, last, N, d_lo, d_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, MASK_TAIL: tl.constexpr,
+                 STEP: tl.constexpr):
+    """The tiles of STEP positions that rows first..last walk, when row r sees positions w with
+    r + d_lo <= w <= r + d_hi (a side without its flag is unbounded) and w < N. Returns a <= b <= c <= e:
+    [a, b) and [c, e) hold the tiles some row sees only in part (walked masked), [b, c) whole tiles every row
+    sees (unmasked); tiles outside [a, e) are seen by no row and never visited. a, b, c are multiples of STEP
+    (the dropout mask draws four keys per call: tiles start at multiples of 4). Without MASK_TAIL the tile
+    holding N needs no mask (the walk past N is harmless) and joins the unmasked part when HAS_HI is off."""
+    if HAS_LO:
+        a = tl.maximum(first + d_lo, 0) // STEP * STEP
+        b = tl.cdiv(tl.maximum(last + d_lo, 0), STEP) * STEP
+    else:
+        a = 0
+        b = 0
+    if HAS_HI:
+        e = tl.minimum(N, last + d_hi + 1)
+        c = tl.maximum(tl.minimum(N, first + d_hi + 1), 0) // STEP * STEP
+    elif MASK_TAIL:
+        e = N
+        c = N // STEP * STEP
+    else:
+        e = N
+        c = N
+    e = tl.maximum(e, a)
+    if HAS_LO:  # else b = 0 <= e already, and stays a constant the loops below start from
+        b = tl.minimum(b, e)
+    c = tl.minimum(tl.maximum(c, b), e)
+    return a, b, c, e
+
+
+@triton.jit
+def _capped(qk, cap_in, cap_out):
+    """softcap * tanh(score / softcap) in base 2 (cap_in = scale / softcap, cap_out = softcap * log2 e), and the
+    tanh, whose 1 - t^2 is the cap's derivative in the backward."""
+    t = tanh(qk * cap_in)
+    return t * cap_out, t
+
+
 # ------------------------------------------------------------------------------------------------
 # forward
 
 
 @triton.jit
-def _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m, lo, hi, Tq, Tk, qk_scale,
-                   seed, bh, dropout_p, dropout_scale,
-                   MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+def _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m, lo, hi, Tk, qk_scale, cap_in,
+                   cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
+                   MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                   SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         k = _load(k_src, start_n, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if MASK:  # the diagonal tile (causal) or the tile holding Tk: keys past either are -inf
+        if SOFTCAP:  # capped scores in base 2: the row max and exponent below take them as they are
+            qk, _ = _capped(qk, cap_in, cap_out)
+            scale = 1.0
+        else:  # the scale (> 0) and log2(e) fold into one FMA per score: p = exp2(qk * qk_scale - m)
+            scale = qk_scale
+        if MASK:  # a tile some row sees only in part (window, causal diagonal, keys past Tk): the rest is -inf
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            allowed = offs_n[None, :] < Tk
-            if CAUSAL:
-                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
-            qk = tl.where(allowed, qk, float("-inf"))
-        # the scale (> 0) and log2(e) fold into one FMA per score: p = exp2(qk * qk_scale - m)
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            qk = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tk, lo_off, hi_off, WINDOW_LEFT,
+                                   WINDOW_RIGHT), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale)
+        if MASK:  # a row that has seen no key yet keeps m = -inf: exponentiate against 0 (no -inf - -inf)
+            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_exp = m_new
+        p = tl.math.exp2(qk * scale - m_exp[:, None])
+        alpha = tl.math.exp2(m_i - m_exp)
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the normalizer counts every element, dropped or not
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -144,19 +213,22 @@ def _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, Seed, sm_scale, dropout_p,
+def _attn_fwd(Q, K, V, O, LSE, Seed, sm_scale, dropout_p, softcap,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-              H, Tq, Tk, T_BUCKET,
-              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # T_BUCKET (the next power of two of the longest sequence) is only the autotuner's key
+              H, GROUP, Tq, Tk, lo_off, hi_off, T_BUCKET,
+              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+              USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    # T_BUCKET (the next power of two of the longest sequence) is only the autotuner's key. GROUP query heads
+    # share one k/v head (GQA; 1 without it): query head h reads kv head h // GROUP
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
+    hk = h // GROUP
     q_src = _source(Q + b * stride_qb + h * stride_qh, Tq, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-    k_src = _source(K + b * stride_kb + h * stride_kh, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
-    v_src = _source(V + b * stride_vb + h * stride_vh, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    k_src = _source(K + b * stride_kb + hk * stride_kh, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_src = _source(V + b * stride_vb + hk * stride_vh, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
     o_src = _source(O + b * stride_ob + h * stride_oh, Tq, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     q = _load(q_src, start_m, Tq, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     seed = tl.load(Seed)
@@ -165,24 +237,34 @@ def _attn_fwd(Q, K, V, O, LSE, Seed, sm_scale, dropout_p,
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
+    cap_in = sm_scale / softcap
+    cap_out = softcap * LOG2E
     dropout_scale = 1.0 / (1.0 - dropout_p)
-    if CAUSAL:  # (Tq == Tk) keys below the query block: no mask; the diagonal block: masked
-        unmasked_end = start_m
-        masked_end = tl.minimum(start_m + BLOCK_M, Tk)
-    else:  # every full key block unmasked, the tail block masked
-        unmasked_end = (Tk // BLOCK_N) * BLOCK_N
-        masked_end = Tk
-    acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m,
-                                   0, unmasked_end, Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                   False, CAUSAL, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
-    acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m,
-                                   unmasked_end, masked_end, Tq, Tk, qk_scale, seed, bh, dropout_p,
-                                   dropout_scale, True, CAUSAL, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                   BLOCK_D)
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past Tq saw nothing: keep them finite
+    # key tiles: [a, b) cut by the window's left side (masked), [b, c) seen whole by every row, [c, e) cut by the
+    # right side (causal diagonal) or holding Tk (masked); causal with Tq == Tk: a = b = 0, c = start_m
+    last_m = tl.minimum(start_m + BLOCK_M, Tq) - 1
+    a, b_, c, e = _walk_ranges(start_m, last_m, Tk, lo_off, hi_off, WINDOW_LEFT, WINDOW_RIGHT, True, BLOCK_N)
+    if WINDOW_LEFT:
+        acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m, a, b_, Tk,
+                                       qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p,
+                                       dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA,
+                                       HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m, b_, c, Tk,
+                                   qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
+                                   False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_M,
+                                   BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m, c, e, Tk,
+                                   qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
+                                   True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_M,
+                                   BLOCK_N, BLOCK_D)
+    # a row that saw no key (a window outside the keys; rows past Tq) outputs 0, and its logsumexp is +inf so
+    # that the backward's p = exp2(s - lse) is 0 there
+    seen = l_i > 0.0
+    l_i = tl.where(seen, l_i, 1.0)
     acc = acc / l_i[:, None]
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    tl.store(LSE + bh * Tq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
+    lse = tl.where(seen, m_i + tl.math.log2(l_i), float("inf"))
+    tl.store(LSE + bh * Tq + offs_m, lse, mask=offs_m < Tq)
     _store(o_src, start_m, acc.to(O.dtype.element_ty), Tq, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
 
 
@@ -211,15 +293,20 @@ def _attn_bwd_preprocess(O, DO, LSE, LSE_PAD, Delta, stride_ob, stride_oh, strid
 
 @triton.jit
 def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_dom, start_n, lo, hi,
-                    Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale,
-                    CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
+                    MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK/dV of the BLOCK_N keys at start_n over query tiles lo..hi, in the transposed orientation.
 
     Queries past Tq need no mask: their q/dO rows load as zeros and their lse/delta (padded rows) are 0, so
-    p^T = 1 there and both P^T dO and dS^T Q = P^T (V dO^T - 0) Q add nothing to dK/dV."""
+    p^T = 1 there and both P^T dO and dS^T Q = P^T (V dO^T - 0) Q add nothing to dK/dV. Keys past Tk need none
+    either: their rows of dK/dV are never stored."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    # key j is seen by queries j - hi_off .. j - lo_off: bounds on the key side, which the query walk does not
+    # change (keys past Tk need no mask, above)
+    first_q = (offs_n - hi_off)[:, None]
+    last_q = (offs_n - lo_off)[:, None]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load(q_src, start_m, Tq, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
@@ -227,9 +314,13 @@ def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_d
         lse = tl.load(LSE + offs_m)
         delta = tl.load(Delta + offs_m)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # S^T: (keys, queries)
-        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
-        if CAUSAL_MASK:
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
+        if SOFTCAP:
+            s_t, t_t = _capped(qk_t, cap_in, cap_out)
+            p_t = tl.math.exp2(s_t - lse[None, :])
+        else:
+            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        if MASK:
+            p_t = tl.where(_within(offs_m[None, :], first_q, last_q, WINDOW_RIGHT, WINDOW_LEFT), p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep_t = tl.trans(_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
@@ -239,124 +330,155 @@ def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_d
             pd_t = p_t
         # both left operands rounded before either dot: the fp32 tiles die here, not across the dV dot
         pd_t = pd_t.to(do.dtype)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:  # through the cap: d(cap tanh(x / cap)) / dx = 1 - t^2
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        ds_t = ds_t.to(q.dtype)
         dv = tl.dot(pd_t, do, dv, input_precision=PRECISION)
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _dq_tile_loop(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, start_m, lo, hi, Tq, Tk,
-                  qk_scale, seed, bh, dropout_p, dropout_scale,
-                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+def _dq_tile_loop(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, start_m, lo, hi, Tk,
+                  qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
+                  MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                  SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ of the BLOCK_M queries at start_m over key tiles lo..hi.
 
-    MASK (the causal diagonal tile, or the tile holding Tk): keys past Tk, and with CAUSAL keys right of the
-    query, get p = 0. Keys past Tk must be masked even though their k rows load as zeros: their score is 0, so
-    p = 2^(-lse) overflows to inf when a row's scores are strongly negative, and inf * 0 in dS K is NaN."""
+    MASK (a tile some query sees only in part): keys outside the window, and keys past Tk, get p = 0. Keys past
+    Tk must be masked even though their k rows load as zeros: their score is 0, so p = 2^(-lse) overflows to
+    inf when a row's scores are strongly negative, and inf * 0 in dS K is NaN."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     for start_n in range(lo, hi, BLOCK_N):
         k = _load(k_src, start_n, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         v = _load(v_src, start_n, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if SOFTCAP:
+            s, t = _capped(qk, cap_in, cap_out)
+            p = tl.math.exp2(s - lse[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASK:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            allowed = offs_n[None, :] < Tk
-            if CAUSAL:
-                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(allowed, p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tk, lo_off, hi_off, WINDOW_LEFT,
+                                  WINDOW_RIGHT), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = _keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p,
+def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p, softcap,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
               stride_dqb, stride_dqh, stride_dqm, stride_dkb, stride_dkh, stride_dkn,
               stride_dvb, stride_dvh, stride_dvn,
-              H, Tq, Tk, T_PAD, T_BUCKET,
-              CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_OWN: tl.constexpr, BLOCK_WALK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program n: dK/dV of keys n*BLOCK_OWN.. (walking query tiles of BLOCK_WALK), then dQ of queries
-    n*BLOCK_OWN.. (walking key tiles of BLOCK_WALK)."""
+              H, GROUP, Tq, Tk, lo_off, hi_off, T_PAD, T_BUCKET,
+              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+              USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_WALK: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Program (n, kv head): dK/dV of keys n*BLOCK_OWN.. summed over the GROUP query heads that share the kv head
+    (walking query tiles of BLOCK_WALK), then dQ of queries n*BLOCK_OWN.. of each of those heads (walking key
+    tiles of BLOCK_WALK). The GQA sum runs inside one program: no atomics, deterministic."""
     start = tl.program_id(0) * BLOCK_OWN
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    LSE += bh * T_PAD  # both padded to T_PAD rows (zeros past Tq): whole tiles load unmasked
-    Delta += bh * T_PAD
+    bhk = tl.program_id(1).to(tl.int64)
+    H_KV = H // GROUP
+    b, hk = bhk // H_KV, bhk % H_KV
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
     qk_scale = sm_scale * LOG2E
+    cap_in = sm_scale / softcap
+    cap_out = softcap * LOG2E
     dropout_scale = 1.0 / (1.0 - dropout_p)
     seed = tl.load(Seed)
 
     if start < Tk:  # dK/dV of the owned key block
         k_own = _source(K, Tk, stride_kn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
         v_own = _source(V, Tk, stride_vn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
-        q_walk = _source(Q, Tq, stride_qm, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
-        do_walk = _source(DO, Tq, stride_dom, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
         k = _load(k_own, start, Tk, stride_kn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
         v = _load(v_own, start, Tk, stride_vn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
         dk = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
-        if CAUSAL:  # queries of the diagonal block see part of this key block, queries below it all of it
-            diag_end = tl.minimum(start + BLOCK_OWN, Tq)
-            dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, LSE, Delta, stride_qm, stride_dom, start,
-                                     start, diag_end, Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                     True, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-            first_unmasked = diag_end
-        else:
-            first_unmasked = 0
-        dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, LSE, Delta, stride_qm, stride_dom, start,
-                                 first_unmasked, Tq, Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                 False, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-        dk_dst = _source(DK + b * stride_dkb + h * stride_dkh, Tk, stride_dkn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
+        # query i sees key j for j - hi_off <= i <= j - lo_off: [a, b) cut by the causal diagonal / right side
+        # (masked), [b, c) whole, [c, e) cut by the window's left side (masked)
+        last_n = tl.minimum(start + BLOCK_OWN, Tk) - 1
+        a, b_, c, e = _walk_ranges(start, last_n, Tq, -hi_off, -lo_off, WINDOW_RIGHT, WINDOW_LEFT, False,
+                                   BLOCK_WALK)
+        for g in range(0, GROUP):
+            bh = b * H + hk * GROUP + g
+            h = bh % H
+            q_walk = _source(Q + b * stride_qb + h * stride_qh, Tq, stride_qm, HEAD_DIM, BLOCK_WALK, BLOCK_D,
+                             USE_TMA)
+            do_walk = _source(DO + b * stride_dob + h * stride_doh, Tq, stride_dom, HEAD_DIM, BLOCK_WALK,
+                              BLOCK_D, USE_TMA)
+            lse_h = LSE + bh * T_PAD  # both padded to T_PAD rows (zeros past Tq): whole tiles load unmasked
+            delta_h = Delta + bh * T_PAD
+            if WINDOW_RIGHT:
+                dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
+                                         start, a, b_, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
+                                         bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                                         DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+            dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom, start,
+                                     b_, c, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh,
+                                     dropout_p, dropout_scale, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                                     DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+            if WINDOW_LEFT:
+                dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
+                                         start, c, e, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
+                                         bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                                         DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        dk_dst = _source(DK + b * stride_dkb + hk * stride_dkh, Tk, stride_dkn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
                          USE_TMA)
-        dv_dst = _source(DV + b * stride_dvb + h * stride_dvh, Tk, stride_dvn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
+        dv_dst = _source(DV + b * stride_dvb + hk * stride_dvh, Tk, stride_dvn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
                          USE_TMA)
         _store(dk_dst, start, (dk * sm_scale).to(DK.dtype.element_ty), Tk, stride_dkn, HEAD_DIM, BLOCK_OWN,
                BLOCK_D, USE_TMA)
         _store(dv_dst, start, dv.to(DV.dtype.element_ty), Tk, stride_dvn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
                USE_TMA)
 
-    if start < Tq:  # dQ of the owned query block
-        q_own = _source(Q, Tq, stride_qm, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
-        do_own = _source(DO, Tq, stride_dom, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+    if start < Tq:  # dQ of the owned query block, for each query head of the group
         k_walk = _source(K, Tk, stride_kn, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
         v_walk = _source(V, Tk, stride_vn, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
-        q = _load(q_own, start, Tq, stride_qm, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
-        do = _load(do_own, start, Tq, stride_dom, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
         offs_m = start + tl.arange(0, BLOCK_OWN)
-        lse = tl.load(LSE + offs_m)
-        delta = tl.load(Delta + offs_m)
-        dq = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
-        if CAUSAL:  # keys left of the query block: no mask; the diagonal block: masked
-            unmasked_end = start
-            masked_end = tl.minimum(start + BLOCK_OWN, Tk)
-        else:  # every full key tile unmasked, the tail tile (keys past Tk) masked
-            unmasked_end = (Tk // BLOCK_WALK) * BLOCK_WALK
-            masked_end = Tk
-        dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, 0, unmasked_end,
-                           Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale, False, CAUSAL, DROPOUT, USE_TMA,
-                           HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-        dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, unmasked_end,
-                           masked_end, Tq, Tk, qk_scale, seed, bh, dropout_p, dropout_scale, True, CAUSAL,
-                           DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-        dq_dst = _source(DQ + b * stride_dqb + h * stride_dqh, Tq, stride_dqm, HEAD_DIM, BLOCK_OWN, BLOCK_D,
-                         USE_TMA)
-        _store(dq_dst, start, (dq * sm_scale).to(DQ.dtype.element_ty), Tq, stride_dqm, HEAD_DIM, BLOCK_OWN,
-               BLOCK_D, USE_TMA)
+        last_m = tl.minimum(start + BLOCK_OWN, Tq) - 1
+        a, b_, c, e = _walk_ranges(start, last_m, Tk, lo_off, hi_off, WINDOW_LEFT, WINDOW_RIGHT, True, BLOCK_WALK)
+        for g in range(0, GROUP):
+            bh = b * H + hk * GROUP + g
+            h = bh % H
+            q_own = _source(Q + b * stride_qb + h * stride_qh, Tq, stride_qm, HEAD_DIM, BLOCK_OWN, BLOCK_D,
+                            USE_TMA)
+            do_own = _source(DO + b * stride_dob + h * stride_doh, Tq, stride_dom, HEAD_DIM, BLOCK_OWN, BLOCK_D,
+                             USE_TMA)
+            q = _load(q_own, start, Tq, stride_qm, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+            do = _load(do_own, start, Tq, stride_dom, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+            lse = tl.load(LSE + bh * T_PAD + offs_m)
+            delta = tl.load(Delta + bh * T_PAD + offs_m)
+            dq = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
+            if WINDOW_LEFT:
+                dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, a, b_, Tk,
+                                   qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
+                                   True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM,
+                                   BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+            dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, b_, c, Tk,
+                               qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
+                               False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN,
+                               BLOCK_WALK, BLOCK_D)
+            dq = _dq_tile_loop(dq, q, do, lse, delta, k_walk, v_walk, stride_kn, stride_vn, start, c, e, Tk,
+                               qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
+                               True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN,
+                               BLOCK_WALK, BLOCK_D)
+            dq_dst = _source(DQ + b * stride_dqb + h * stride_dqh, Tq, stride_dqm, HEAD_DIM, BLOCK_OWN, BLOCK_D,
+                             USE_TMA)
+            _store(dq_dst, start, (dq * sm_scale).to(DQ.dtype.element_ty), Tq, stride_dqm, HEAD_DIM, BLOCK_OWN,
+                   BLOCK_D, USE_TMA)
 
 
 @triton.jit
@@ -376,7 +498,8 @@ def _dropout_mask_kernel(Out, Seed, dropout_p, Tq, Tk, BLOCK_M: tl.constexpr, BL
 # shipped for (a config leaves a head dim's list when its compiled code spills or leaves the tensor cores there:
 # bench/results/NOTES.md). The interpreter runs one small config (speed there is meaningless).
 
-ALL_BLOCK_DS = (16, 32, 64, 128)
+ALL_BLOCK_DS = (16, 32, 64, 128, 256)
+UP_TO_128 = (16, 32, 64, 128)
 # An entry: its block sizes, num_warps, num_stages, the BLOCK_Ds it is shipped for, and `skip`: the BLOCK_Ds it is
 # not shipped for under a condition ("sm_80": on GPUs before Hopper, which take the pointer path and mma.sync;
 # "sm_90": on Hopper and later; "dropout" / "no_dropout": with or without dropout; "a+b": both), because its compiled
@@ -387,12 +510,16 @@ ALL_BLOCK_DS = (16, 32, 64, 128)
 # finds no local load/store inside them), which is kept.
 # forward: (BLOCK_M queries owned, BLOCK_N keys per step, num_warps, num_stages, block_ds, skip). With dropout at
 # BLOCK_D=128 the mask's interleave needs shared memory and registers: M128 with 4 warps spills and M128N128
-# outgrows shared memory.
+# outgrows shared memory. BLOCK_D=256 has its own entries, 2 stages (K and V tiles of 256 columns): all four are
+# clean on sm_90; on sm_80 (255 registers everywhere) M64N64 is clean without dropout and M64N32 spills least
+# (40 B) with it.
 _FWD = [(128, 64, 4, 3, (16, 32, 64), {"dropout": (64,)}),
-        (128, 64, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,)}),
-        (128, 128, 8, 3, ALL_BLOCK_DS, {"sm_80": (128,), "dropout": (128,), "sm_80+dropout": (64,)}),
-        (64, 64, 4, 3, ALL_BLOCK_DS, {"sm_80+dropout": (64,)}),
-        (128, 32, 4, 4, ALL_BLOCK_DS, {"sm_80": (64, 128), "dropout": (128,)}), (64, 32, 4, 4, ALL_BLOCK_DS, {})]
+        (128, 64, 8, 3, UP_TO_128, {"sm_80": (128,)}),
+        (128, 128, 8, 3, UP_TO_128, {"sm_80": (128,), "dropout": (128,), "sm_80+dropout": (64,)}),
+        (64, 64, 4, 3, UP_TO_128, {"sm_80+dropout": (64,)}),
+        (128, 32, 4, 4, UP_TO_128, {"sm_80": (64, 128), "dropout": (128,)}), (64, 32, 4, 4, UP_TO_128, {}),
+        (64, 32, 4, 2, (256,), {"sm_80+no_dropout": (256,)}), (64, 64, 4, 2, (256,), {"sm_80+dropout": (256,)}),
+        (128, 32, 8, 2, (256,), {"sm_80": (256,)}), (128, 64, 8, 2, (256,), {"sm_80": (256,)})]
 # backward: (BLOCK_OWN keys and queries owned, BLOCK_WALK rows per step, num_warps, num_stages, block_ds, skip).
 # Every config gives each warpgroup (4 warps) BLOCK_OWN/warpgroups >= 64 rows of its own: a warpgroup owning
 # fewer would compute the same S^T/dP^T tiles as its neighbour (the old 64-owned-row 8-warp configs issued 1.5-1.67x
@@ -402,11 +529,19 @@ _FWD = [(128, 64, 4, 3, (16, 32, 64), {"dropout": (64,)}),
 # walk to 16. On sm_90 at BLOCK_D=64 without dropout only the config within the per-tile budget (<= 4,900
 # warp-instructions per 128x64 score tile in the main loops: bench/sass_loops.py) is shipped. sm_80 (mma.sync, no
 # TMA) spills with the wide walks at BLOCK_D=64 and with 8 warps at BLOCK_D=128: there it keeps 64x32 on 4 warps.
-_BWD = [(64, 64, 4, 3, (16, 32, 64), {"sm_80": (64,)}),
+# With dropout on sm_90, 64x64/4w at BLOCK_D=64 sits at 255 registers and spills 16 B causal (since the window
+# masks of session 30): not shipped there; 128x64/8w and 64x32/4w are clean.
+# BLOCK_D=256: every candidate spills (dK and dV of 64 rows x 256 columns in fp32 are 256 registers per thread on 4
+# warps). On sm_90 64x32/4w spills ~1.2 KB, with local loads/stores inside the loops, but issues the fewest
+# instructions per tile. 64x16/8w spills 208 B with 1 local access per iteration, but its two warpgroups split the
+# 256 columns and each computes the whole S^T/dP^T tile: 1.5-1.67x the MMA FLOPs. Both are shipped; the autotuner
+# decides on the GPU. On sm_80 only 64x16/8w ships (0 B; 48 B with dropout). bench/results/NOTES.md, session 30.
+_BWD = [(64, 64, 4, 3, (16, 32, 64), {"sm_80": (64,), "sm_90+dropout": (64,)}),
         (128, 64, 8, 3, (16, 32, 64), {"sm_90+no_dropout": (64,), "sm_80+dropout": (64,)}),
-        (64, 32, 4, 3, ALL_BLOCK_DS, {"sm_90+dropout": (128,), "sm_90+no_dropout": (64,)}),
+        (64, 32, 4, 3, UP_TO_128, {"sm_90+dropout": (128,), "sm_90+no_dropout": (64,)}),
         (128, 32, 8, 3, (128,), {"dropout": (128,), "sm_80": (128,)}),
-        (128, 16, 8, 3, (128,), {"no_dropout": (128,), "sm_80": (128,)})]
+        (128, 16, 8, 3, (128,), {"no_dropout": (128,), "sm_80": (128,)}),
+        (64, 32, 4, 2, (256,), {"sm_80": (256,)}), (64, 16, 8, 2, (256,), {})]
 FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
                for m, n, w, s, ds, skip in _FWD]
 BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
@@ -516,7 +651,7 @@ def _autotuned(fn, kind, configs, interpreter_config):
                            prune_configs_by={"early_config_prune": prune})(fn)
 
 
-_AUTOTUNE_KEY = ["T_BUCKET", "BLOCK_D", "CAUSAL", "DROPOUT", "USE_TMA"]
+_AUTOTUNE_KEY = ["T_BUCKET", "BLOCK_D", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP", "DROPOUT", "USE_TMA"]
 _attn_fwd_tuned = _autotuned(_attn_fwd, "fwd", FWD_CONFIGS, INTERPRETER_FWD_CONFIG)
 _attn_bwd_tuned = _autotuned(_attn_bwd, "bwd", BWD_CONFIGS, INTERPRETER_BWD_CONFIG)
 
@@ -542,24 +677,36 @@ def _draw_seed(device, dropout_p):
 # custom ops
 
 
+def _mask_args(Tq, Tk, causal, window_left, window_right):
+    """The kernels' window constexprs and offsets: query i sees key j when lo_off <= j - i <= hi_off, the window
+    aligned bottom-right (query i sits at key position i + Tk - Tq, as in FlashAttention); -1 leaves a side
+    unbounded, causal bounds the right side at 0."""
+    offset = Tk - Tq
+    right = 0 if causal else window_right
+    return dict(WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=right >= 0, lo_off=offset - max(window_left, 0),
+                hi_off=offset + max(right, 0))
+
+
 @torch.library.custom_op("nanogpt_kernels::attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      scale: float, softcap: float, window_left: int,
+                      window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    H_kv, Tk = k.shape[1], k.shape[2]
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     seed = _draw_seed(q.device, dropout_p)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_tuned[grid](q, k, v, o, lse, seed, scale, dropout_p,
+    _attn_fwd_tuned[grid](q, k, v, o, lse, seed, scale, dropout_p, softcap or 1.0,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                          H, Tq, Tk, _t_bucket(Tq, Tk), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
-                          USE_TMA=use_tma(q, k, v, o), HEAD_DIM=D, BLOCK_D=block_d_of(D))
+                          H, H // H_kv, Tq, Tk, T_BUCKET=_t_bucket(Tq, Tk),
+                          **_mask_args(Tq, Tk, causal, window_left, window_right), SOFTCAP=softcap > 0.0,
+                          DROPOUT=dropout_p > 0.0, USE_TMA=use_tma(q, k, v, o), HEAD_DIM=D, BLOCK_D=block_d_of(D))
     return o, lse, seed
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, causal, dropout_p, scale):
+def _(q, k, v, causal, dropout_p, scale, softcap, window_left, window_right):
     B, H, Tq, D = q.shape
     return (q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32),
             q.new_empty((1,), dtype=torch.int64))
@@ -567,10 +714,11 @@ def _(q, k, v, causal, dropout_p, scale):
 
 @torch.library.custom_op("nanogpt_kernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: torch.Tensor, seed: torch.Tensor, causal: bool, dropout_p: float,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      lse: torch.Tensor, seed: torch.Tensor, causal: bool, dropout_p: float, scale: float,
+                      softcap: float, window_left: int,
+                      window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    H_kv, Tk = k.shape[1], k.shape[2]
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -584,54 +732,69 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     _attn_bwd_preprocess[(t_pad // pre["BLOCK_M"], B * H)](
         o, do, lse, lse_pad, delta, *o.stride()[:3], *do.stride()[:3], H, Tq, t_pad, HEAD_DIM=D,
         BLOCK_M=pre["BLOCK_M"], BLOCK_D=block_d, num_warps=pre["num_warps"], num_stages=pre["num_stages"])
-    grid = lambda meta: (triton.cdiv(max(Tq, Tk), meta["BLOCK_OWN"]), B * H)  # noqa: E731
+    # one program per (block, kv head): it sums dK/dV over the kv head's query heads itself
+    grid = lambda meta: (triton.cdiv(max(Tq, Tk), meta["BLOCK_OWN"]), B * H_kv)  # noqa: E731
     _attn_bwd_tuned[grid](
-        q, k, v, do, dq, dk, dv, lse_pad, delta, seed, scale, dropout_p,
+        q, k, v, do, dq, dk, dv, lse_pad, delta, seed, scale, dropout_p, softcap or 1.0,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        H, Tq, Tk, t_pad, _t_bucket(Tq, Tk), CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+        H, H // H_kv, Tq, Tk, T_PAD=t_pad, T_BUCKET=_t_bucket(Tq, Tk),
+        **_mask_args(Tq, Tk, causal, window_left, window_right), SOFTCAP=softcap > 0.0, DROPOUT=dropout_p > 0.0,
         USE_TMA=use_tma(q, k, v, do, dq, dk, dv), HEAD_DIM=D, BLOCK_D=block_d)
     return dq, dk, dv
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, seed, causal, dropout_p, scale):
+def _(do, q, k, v, o, lse, seed, causal, dropout_p, scale, softcap, window_left, window_right):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, dropout_p, scale = inputs
+    q, k, v, *ctx.options = inputs  # causal, dropout_p, scale, softcap, window_left, window_right
     o, lse, seed = output
     ctx.save_for_backward(q, k, v, o, lse, seed)
-    ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
 
 
 def _backward(ctx, do, _dlse, _dseed):
     q, k, v, o, lse, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, seed, ctx.causal, ctx.dropout_p, ctx.scale)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, seed, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q, k, v, causal, dropout_p, scale):
-    check_qkv("attention", q, k, v, "must be (B, H, Tk, D) with q's B, H and D")
+def _window_sides(window):
+    """window=(left, right) as the ops take it: ints, -1 for an unbounded side (None means the same)."""
+    if window is None:
+        return -1, -1
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and
+            all(w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= -1) for w in window)):
+        raise ValueError(f"attention: window={window!r} must be (left, right): keys a query sees on each side, "
+                         f"ints >= 0, or -1 / None for an unbounded side")
+    return tuple(-1 if w is None else w for w in window)
+
+
+def _check_inputs(q, k, v, causal, dropout_p, scale, softcap):
+    check_qkv("attention", q, k, v, "must be (B, H_kv, Tk, D) with q's B and D, H_kv dividing q's H")
     B, H, Tq, D = q.shape
     if D not in HEAD_DIMS:
-        raise ValueError(f"attention: head dim {D} is not supported; supported: "
-                         f"{', '.join(map(str, HEAD_DIMS))}")
-    if causal and k.shape[2] != Tq:
-        raise ValueError(f"attention: causal attention needs as many keys as queries, got Tq={Tq}, "
-                         f"Tk={k.shape[2]}")
+        raise ValueError(f"attention: head dim {D} is not supported; supported: multiples of 8 from 8 to "
+                         f"{HEAD_DIMS[-1]}")
+    if causal and k.shape[2] < Tq:
+        raise ValueError(f"attention: causal attention needs at least as many keys as queries (the mask is "
+                         f"aligned bottom-right, as in FlashAttention), got Tq={Tq}, Tk={k.shape[2]}")
     if Tq == 0 or k.shape[2] == 0:
         raise ValueError("attention: sequences must have at least one position")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p={dropout_p} must be in [0, 1)")
     if scale is not None and not scale > 0.0:
         raise ValueError(f"attention: scale={scale} must be positive (the kernels fold it into the row maximum)")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"attention: softcap={softcap} must be positive (scores become softcap * "
+                         f"tanh(score / softcap)), or None for no cap")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"attention: {name} must be contiguous in its last (head) dimension; call "
@@ -640,17 +803,50 @@ def _check_inputs(q, k, v, causal, dropout_p, scale):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, dropout_p: float = 0.0,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, *, softcap: float | None = None,
+              window: tuple[int | None, int | None] | None = None) -> torch.Tensor:
     """softmax(q k^T * scale [+ causal mask]) v with dropout on the attention weights, fused.
 
     The same function as F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p,
-    scale=scale) for scale > 0. q, k, v: (B, H, T, D), any strides with a contiguous last dimension (the
-    model's (B, T, H, D).transpose(1, 2) views are read in place); D in HEAD_DIMS; float32, float16 or
+    scale=scale, enable_gqa=True) for scale > 0, with two of FlashAttention's options:
+    - q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H_kv dividing H (GQA; H_kv = 1 is MQA): query head h reads
+      kv head h // (H / H_kv), k and v are never repeated in memory;
+    - causal with Tq <= Tk is aligned bottom-right: query i sees keys j <= i + Tk - Tq (a continuation's prefill
+      over a KV cache, or a chunk of queries at the end of the keys);
+    - softcap: scores become softcap * tanh(score / softcap) (Gemma 2), before the mask;
+    - window=(left, right): query i sees keys i + Tk - Tq - left .. i + Tk - Tq + right (-1 or None: unbounded;
+      causal caps right at 0); key tiles wholly outside it are never visited (`window_tiles` counts them).
+    A query that sees no key outputs 0. Any strides with a contiguous last dimension (the model's
+    (B, T, H, D).transpose(1, 2) views are read in place); D a multiple of 8 up to 256; float32, float16 or
     bfloat16, fp32 accumulation, output in the input dtype."""
-    _check_inputs(q, k, v, causal, dropout_p, scale)
+    _check_inputs(q, k, v, causal, dropout_p, scale, softcap)
+    left, right = _window_sides(window)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _attention_fwd_op(q, k, v, bool(causal), float(dropout_p), float(scale))[0]
+    return _attention_fwd_op(q, k, v, bool(causal), float(dropout_p), float(scale), float(softcap or 0.0), left,
+                             right)[0]
+
+
+def window_tiles(Tq: int, Tk: int, causal: bool = True, window=None, block_m: int | None = None,
+                 block_n: int | None = None) -> dict:
+    """The forward's (query block, key tile) pairs for one head: {"total", "visited", "skipped"}, where skipped
+    tiles (above the causal diagonal, outside the window) are never loaded. The same tile ranges the kernel
+    computes (_walk_ranges), for a config's BLOCK_M x BLOCK_N (default: the interpreter's)."""
+    block_m = block_m or INTERPRETER_FWD_CONFIG["BLOCK_M"]
+    block_n = block_n or INTERPRETER_FWD_CONFIG["BLOCK_N"]
+    left, right = _window_sides(window)
+    m = _mask_args(Tq, Tk, causal, left, right)
+    visited = 0
+    for start in range(0, Tq, block_m):
+        last = min(start + block_m, Tq) - 1
+        a, e = 0, Tk
+        if m["WINDOW_LEFT"]:
+            a = max(start + m["lo_off"], 0) // block_n * block_n
+        if m["WINDOW_RIGHT"]:
+            e = min(Tk, last + m["hi_off"] + 1)
+        visited += max(0, -(-(max(e, a) - a) // block_n))
+    total = -(-Tq // block_m) * -(-Tk // block_n)
+    return {"total": total, "visited": visited, "skipped": total - visited}
 
 
 def dropout_mask(B: int, H: int, Tq: int, Tk: int, dropout_p: float, seed: int, device="cpu") -> torch.Tensor:
@@ -666,45 +862,60 @@ def last_seed_of(q, k, v, causal=True, dropout_p=0.0, scale=None):
     """For tests: run the forward op and return (output, the dropout seed it drew)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    o, _, seed = _attention_fwd_op(q, k, v, causal, dropout_p, scale)
+    o, _, seed = _attention_fwd_op(q, k, v, causal, dropout_p, scale, 0.0, -1, -1)
     return o, int(seed.item())
 
 
 # ------------------------------------------------------------------------------------------------
 # what `python -m kernels.inspect` compiles (the contract is described at the top of kernels/inspect.py)
 
-# (dtype, head dim, causal, dropout): GPT-2's bf16 call (D=64) and D=128, causal or not, dropout off or on; a padded
-# head dim (96 runs in BLOCK_D=128); fp16 (it compiles like bf16: two rows to show it)
+# (dtype, head dim, causal, dropout[, options]): GPT-2's bf16 call (D=64) and D=128, causal or not, dropout off or
+# on; a padded head dim (96 runs in BLOCK_D=128); fp16 (it compiles like bf16: two rows to show it); D=256 (its own
+# configs); and the paths options add, at D=64 and 128: GQA (4 query heads per kv head: the backward's group loop),
+# a sliding window (the left-side masked loops) and a softcap (tanh per score, its derivative in the backward)
+OPTIONS = dict(group=4, window=256, softcap=30.0)
 INSPECT_PROBLEMS = [(torch.bfloat16, d, causal, dropout) for d in (64, 128) for causal in (True, False)
                     for dropout in (False, True)]
 INSPECT_PROBLEMS += [(torch.bfloat16, 96, True, False), (torch.float16, 64, True, False),
                      (torch.float16, 128, True, True)]
+INSPECT_PROBLEMS += [(torch.bfloat16, 256, True, dropout) for dropout in (False, True)]
+INSPECT_PROBLEMS += [(torch.bfloat16, d, True, False, OPTIONS) for d in (64, 128)]
 
 
 def inspect_cases(problems=None, arch="sm_90"):
     """Every attention kernel x every launch config it can pick on a GPU x representative problems: GPT-2 124M's
     call (B=16, H=12, T=1024, q/k/v the (B, T, H, D).transpose(1, 2) views of c_attn's output), with the load
-    path the launch picks on `arch` (TMA descriptors on sm_90, pointers on sm_80)."""
+    path the launch picks on `arch` (TMA descriptors on sm_90, pointers on sm_80). With options, c_attn's output
+    holds H query heads and H / group kv heads; the window is (window, 0)."""
     tma = arch_has_tma(arch)  # as use_tma decides on a GPU: TMA from Hopper (sm_90) on
     H, T = 12, 1024  # (B = 16 enters no stride nor size argument)
     cases = []
-    for dtype, D, causal, dropout in problems or INSPECT_PROBLEMS:
-        C = H * D
-        qkv = (T * 3 * C, D, 3 * C)      # strides (b, h, t) of the c_attn views
-        dense = (H * T * D, T * D, D)    # a contiguous (B, H, T, D) tensor: o, dq, dk, dv
-        do = (T * C, D, C)               # the gradient of y.transpose(1, 2), as the model's backward hands it
+    for dtype, D, causal, dropout, *rest in problems or INSPECT_PROBLEMS:
+        options = rest[0] if rest else {}
+        group = options.get("group", 1)
+        H_kv = H // group
+        width = (H + 2 * H_kv) * D        # c_attn's output row: q, k, v heads side by side
+        qkv = (T * width, D, width)      # strides (b, h, t) of the c_attn views
+        dense = (H * T * D, T * D, D)    # a contiguous (B, H, T, D) tensor: o, dq
+        dense_kv = (H_kv * T * D, T * D, D)  # dk, dv
+        do = (T * H * D, D, H * D)       # the gradient of y.transpose(1, 2), as the model's backward hands it
         problem = {"dtype": DTYPE_NAMES[dtype], "head_dim": D, "causal": causal, "dropout": dropout}
+        if options:
+            problem["options"] = " ".join(f"{k}{v:g}" for k, v in options.items())
         block_d = block_d_of(D)
-        common = dict(Seed=torch.int64, sm_scale=D ** -0.5, dropout_p=0.1 if dropout else 0.0)
-        flags = dict(CAUSAL=causal, DROPOUT=dropout, USE_TMA=tma, HEAD_DIM=D, BLOCK_D=block_d)
-        sizes = dict(H=H, Tq=T, Tk=T, T_BUCKET=_t_bucket(T, T))
+        common = dict(Seed=torch.int64, sm_scale=D ** -0.5, dropout_p=0.1 if dropout else 0.0,
+                      softcap=options.get("softcap", 1.0))
+        mask = _mask_args(T, T, causal, options.get("window", -1), -1)
+        flags = dict(WINDOW_LEFT=mask.pop("WINDOW_LEFT"), WINDOW_RIGHT=mask.pop("WINDOW_RIGHT"),
+                     SOFTCAP="softcap" in options, DROPOUT=dropout, USE_TMA=tma, HEAD_DIM=D, BLOCK_D=block_d)
+        sizes = dict(H=H, GROUP=group, Tq=T, Tk=T, **mask, T_BUCKET=_t_bucket(T, T))
         bwd_sizes = dict(sizes, T_PAD=_t_pad(T))
         for c in configs_for(FWD_CONFIGS, block_d, dropout, arch):
             cases.append(launch_case("attention_fwd", _attn_fwd, c, problem, dict(
                 Q=dtype, K=dtype, V=dtype, O=dtype, LSE=torch.float32, **common,
                 **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv), **_strides("o", dense),
                 **sizes, **flags)))
-            cases[-1]["loops"] = _fwd_loops(c, block_d)
+            cases[-1]["loops"] = _fwd_loops(c, block_d, flags["WINDOW_LEFT"])
         cases.append(launch_case("attention_bwd_preprocess", _attn_bwd_preprocess, PREPROCESS_CONFIG, problem, dict(
             O=dtype, DO=dtype, LSE=torch.float32, LSE_PAD=torch.float32, Delta=torch.float32,
             **_strides("o", dense), **_strides("do", do), H=H, Tq=T, T_PAD=_t_pad(T), HEAD_DIM=D,
@@ -713,31 +924,36 @@ def inspect_cases(problems=None, arch="sm_90"):
             cases.append(launch_case("attention_bwd", _attn_bwd, c, problem, dict(
                 Q=dtype, K=dtype, V=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE=torch.float32,
                 Delta=torch.float32, **common, **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv),
-                **_strides("do", do), **_strides("dq", dense), **_strides("dk", dense), **_strides("dv", dense),
-                **bwd_sizes, **flags)))
-            cases[-1]["loops"] = _bwd_loops(c, block_d, causal)
+                **_strides("do", do), **_strides("dq", dense), **_strides("dk", dense_kv),
+                **_strides("dv", dense_kv), **bwd_sizes, **flags)))
+            cases[-1]["loops"] = _bwd_loops(c, block_d, flags["WINDOW_RIGHT"], flags["WINDOW_LEFT"])
     return cases
 
 
-def _fwd_loops(c, block_d):
+def _fwd_loops(c, block_d, window_left=False):
     """The forward's main loops for the cost model (the "loops" contract of kernels/inspect.py), in source order:
-    the unmasked key tiles, then the masked ones (causal diagonal or the tail past Tk). Per iteration: S = Q K^T and
-    O += P V, each 2*BLOCK_M*BLOCK_N*BLOCK_D FLOPs (BLOCK_D: a padded head dim counts as needed)."""
+    with a window's left side the tiles it cuts (masked), the unmasked key tiles, then the masked ones (causal
+    diagonal or the tail past Tk). Per iteration: S = Q K^T and O += P V, each 2*BLOCK_M*BLOCK_N*BLOCK_D FLOPs
+    (BLOCK_D: a padded head dim counts as needed)."""
     tile = [c["BLOCK_M"], c["BLOCK_N"]]
     flops = 2 * 2 * c["BLOCK_M"] * c["BLOCK_N"] * block_d
-    return [dict(name="fwd", masked=False, mma_flops=flops, tile=tile),
-            dict(name="fwd_mask", masked=True, mma_flops=flops, tile=tile)]
+    loops = [dict(name="fwd_window", masked=True, mma_flops=flops, tile=tile)] if window_left else []
+    return loops + [dict(name="fwd", masked=False, mma_flops=flops, tile=tile),
+                    dict(name="fwd_mask", masked=True, mma_flops=flops, tile=tile)]
 
 
-def _bwd_loops(c, block_d, causal):
+def _bwd_loops(c, block_d, window_right, window_left=False):
     """The backward's main loops, in source order (see _attn_bwd). dkdv: S^T, dP^T, dV += P^T dO, dK += dS^T Q
-    (4 dots); dq: S, dP, dQ += dS K (3 dots); each 2*BLOCK_OWN*BLOCK_WALK*BLOCK_D FLOPs per iteration."""
+    (4 dots); dq: S, dP, dQ += dS K (3 dots); each 2*BLOCK_OWN*BLOCK_WALK*BLOCK_D FLOPs per iteration. Masked
+    variants: the causal diagonal (window_right) and a window's left side."""
     tile = [c["BLOCK_OWN"], c["BLOCK_WALK"]]
     one = 2 * c["BLOCK_OWN"] * c["BLOCK_WALK"] * block_d
     dkdv, dq = dict(mma_flops=4 * one, tile=tile), dict(mma_flops=3 * one, tile=tile)
-    loops = [dict(name="dkdv_diag", masked=True, **dkdv)] if causal else []
-    loops += [dict(name="dkdv", masked=False, **dkdv), dict(name="dq", masked=False, **dq),
-              dict(name="dq_mask", masked=True, **dq)]
+    loops = [dict(name="dkdv_diag", masked=True, **dkdv)] if window_right else []
+    loops += [dict(name="dkdv", masked=False, **dkdv)]
+    loops += [dict(name="dkdv_window", masked=True, **dkdv), dict(name="dq_window", masked=True, **dq)] \
+        if window_left else []
+    loops += [dict(name="dq", masked=False, **dq), dict(name="dq_mask", masked=True, **dq)]
     return loops
 
 

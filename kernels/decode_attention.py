@@ -28,7 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import DTYPE_NAMES, LOG2E, block_d_of, check_device, check_qkv, launch_case, num_programs_hint
+from kernels._common import (
+    DTYPE_NAMES,
+    LOG2E,
+    block_d_of,
+    check_device,
+    check_qkv,
+    launch_case,
+    num_programs_hint,
+    tanh,
+)
 
 MAX_QUERIES = 16  # new queries per call (speculative / multi-token decoding); 1 for plain sampling
 MAX_HEAD_DIM = 256
@@ -41,36 +50,51 @@ MIN_BLOCK_N, MAX_BLOCK_N = 4, 128
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Lengths, O_part, LSE_part, sm_scale,
+def _decode_split_kernel(Q, K, V, Lengths, O_part, LSE_part, sm_scale, softcap,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn,
-                         H, Tq, D, chunk, num_splits,
+                         H, GROUP, HEADS, Tq, D, window_left, chunk, num_splits,
+                         WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (split, b, head block): HEADS query heads of one kv head (GQA: GROUP share it; HEADS divides GROUP)
+    times Tq queries, as rows r = head * Tq + query of one tile, so the kv head's chunk is read once for all."""
     split = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    pid = tl.program_id(1).to(tl.int64)
+    blocks = H // HEADS
+    b, h0 = pid // blocks, (pid % blocks) * HEADS  # the first query head of this program
+    hk = h0 // GROUP
     length = tl.load(Lengths + b).to(tl.int32)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    head, query = offs_r // Tq, offs_r % Tq
+    rows = offs_r < HEADS * Tq
     offs_d = tl.arange(0, BLOCK_D)
-    q_pos = length - Tq + offs_m  # the position of each new query in its row
-    q_mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q_pos = length - Tq + query  # the position of each new query in its row
+    q_mask = rows[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b * stride_qb + (h0 + head[:, None]) * stride_qh + query[:, None] * stride_qm + offs_d[None, :],
                 mask=q_mask, other=0.0).to(tl.float32)
     q = q * (sm_scale * LOG2E)  # scores in log2 units: exp(x) = exp2(x * log2(e))
+    cap_in = 1.0 / (softcap * LOG2E)  # softcap * tanh(score / softcap), on the scaled log2 scores
+    cap_out = softcap * LOG2E
 
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, length)  # empty when the chunk starts past the row's length
+    if WINDOW:  # keys before the first query's window are never read
+        lo = tl.maximum(lo, length - Tq - window_left)
+    hi = tl.minimum(split * chunk + chunk, length)  # empty when the chunk starts past the row's length
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < hi) & (offs_d[None, :] < D)
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
+        if SOFTCAP:
+            qk = tanh(qk * cap_in) * cap_out
         visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < hi)
+        if WINDOW:
+            visible = visible & (offs_n[None, :] >= q_pos[:, None] - window_left)
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that has seen no key yet
@@ -85,8 +109,9 @@ def _decode_split_kernel(Q, K, V, Lengths, O_part, LSE_part, sm_scale,
     seen = l_i > 0.0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    part = (bh * num_splits + split) * Tq + offs_m  # row of O_part / LSE_part, layout (B*H, num_splits, Tq)
-    tl.store(LSE_part + part, lse, mask=offs_m < Tq)
+    # row of O_part / LSE_part, layout (B*H, num_splits, Tq)
+    part = ((b * H + h0 + head) * num_splits + split) * Tq + query
+    tl.store(LSE_part + part, lse, mask=rows)
     tl.store(O_part + part[:, None] * D + offs_d[None, :], acc, mask=q_mask)
 
 
@@ -170,66 +195,89 @@ def _chunk(Tmax, num_splits, block_n):
 # custom op
 
 
+def heads_per_program(group: int, Tq: int) -> int:
+    """Query heads of one kv head that a split program takes together: the largest divisor of `group` whose rows
+    (heads x Tq queries) fit the MAX_QUERIES rows the shipped configs are sized for."""
+    return max(d for d in range(1, group + 1) if group % d == 0 and d * Tq <= MAX_QUERIES)
+
+
 @torch.library.custom_op("nanogpt_kernels::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
-                         num_splits: int) -> torch.Tensor:
+                         num_splits: int, softcap: float, window_left: int) -> torch.Tensor:
     B, H, Tq, D = q.shape
-    Tmax = k.shape[2]
-    cfg = launch_config(Tq, D)
+    H_kv, Tmax = k.shape[1], k.shape[2]
+    heads = heads_per_program(H // H_kv, Tq)
+    cfg = launch_config(heads * Tq, D)
     chunk = _chunk(Tmax, num_splits, cfg["BLOCK_N"])
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     o_part = torch.empty((B * H, num_splits, Tq, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B * H, num_splits, Tq), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_splits, B * H)](
-        q, k, v, lengths, o_part, lse_part, scale,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, Tq, D, chunk, num_splits,
+    _decode_split_kernel[(num_splits, B * H // heads)](
+        q, k, v, lengths, o_part, lse_part, scale, softcap or 1.0,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, H // H_kv, heads, Tq, D, max(window_left, 0), chunk,
+        num_splits, WINDOW=window_left >= 0, SOFTCAP=softcap > 0.0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _decode_combine_kernel[(B * H,)](
         o_part, lse_part, o, *o.stride()[:3], H, Tq, D, num_splits,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"], num_warps=COMBINE_NUM_WARPS,
+        BLOCK_M=_block_m(Tq), BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"], num_warps=COMBINE_NUM_WARPS,
         num_stages=1)
     return o
 
 
 @_decode_attention_op.register_fake
-def _(q, k, v, lengths, scale, num_splits):
+def _(q, k, v, lengths, scale, num_splits, softcap, window_left):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _visible_mask(lengths, Tq, Tmax):
-    """(B, 1, Tq, Tmax) bool: query i of row b sees key j iff j <= lengths[b] - Tq + i."""
+def _visible_mask(lengths, Tq, Tmax, window_left=-1):
+    """(B, 1, Tq, Tmax) bool: query i of row b (at position lengths[b] - Tq + i) sees key j iff j <= its position
+    (and, with a window, j >= its position - window_left)."""
     q_pos = lengths.long()[:, None] - Tq + torch.arange(Tq, device=lengths.device)[None, :]
-    return (torch.arange(Tmax, device=lengths.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+    keys = torch.arange(Tmax, device=lengths.device)[None, None, :]
+    visible = keys <= q_pos[:, :, None]
+    if window_left >= 0:
+        visible &= keys >= q_pos[:, :, None] - window_left
+    return visible[:, None]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, lengths, scale, _ = inputs
+    q, k, v, lengths, scale, _, softcap, window_left = inputs
     ctx.save_for_backward(q, k, v, lengths, output)
-    ctx.scale = scale
+    ctx.scale, ctx.softcap, ctx.window_left = scale, softcap, window_left
 
 
 def _backward(ctx, do):
     # Decoding is inference; the gradient is here so the op is a complete autograd citizen. It recomputes the
     # attention weights in fp32 with plain tensor math (no kernel): fine for the few queries of a decode step.
     q, k, v, lengths, o = ctx.saved_tensors
-    Tq, Tmax = q.shape[2], k.shape[2]
-    qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
+    Tq, Tmax, group = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    qf, dof = q.float(), do.float()
+    kf, vf = k.float().repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1)
     s = (qf @ kf.transpose(-2, -1)) * ctx.scale
-    p = torch.softmax(s.masked_fill(~_visible_mask(lengths, Tq, Tmax), float("-inf")), dim=-1)
+    cap = torch.tanh(s / ctx.softcap) if ctx.softcap > 0.0 else None
+    if cap is not None:
+        s = ctx.softcap * cap
+    p = torch.softmax(s.masked_fill(~_visible_mask(lengths, Tq, Tmax, ctx.window_left), float("-inf")), dim=-1)
     dv = p.transpose(-2, -1) @ dof
     dp = dof @ vf.transpose(-2, -1)
     ds = p * (dp - (dof * o.float()).sum(-1, keepdim=True))
+    if cap is not None:
+        ds = ds * (1.0 - cap * cap)
     dq = (ds @ kf) * ctx.scale
     dk = (ds.transpose(-2, -1) @ qf) * ctx.scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+    def per_kv_head(t):  # the group's query heads share a kv head: their gradients sum
+        return t.unflatten(1, (-1, group)).sum(2)
+
+    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(dv).to(v.dtype), None, None, None, None, None
 
 
 _decode_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q, k, v, lengths):
-    check_qkv("decode_attention", q, k, v, "are the cache, (B, H, Tmax, D) with q's B, H and D")
+def _check_inputs(q, k, v, lengths, softcap, window):
+    check_qkv("decode_attention", q, k, v, "are the cache, (B, H_kv, Tmax, D) with q's B and D, H_kv dividing q's H")
     B, H, Tq, D = q.shape
     if not 1 <= Tq <= MAX_QUERIES:
         raise ValueError(f"decode_attention: {Tq} new queries; supported: 1 to {MAX_QUERIES} (run a longer "
@@ -244,6 +292,13 @@ def _check_inputs(q, k, v, lengths):
                else type(lengths).__name__)
         raise ValueError(f"decode_attention: lengths must be a (B,) = ({B},) int32 tensor of valid keys per row, "
                          f"got {got}")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"decode_attention: softcap={softcap} must be positive, or None for no cap")
+    if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2 and
+                                   all(w is None or (type(w) is int and w >= -1) for w in window) and
+                                   window[1] in (None, -1, 0)):
+        raise ValueError(f"decode_attention: window={window!r} must be (left, right) with left an int >= 0 (or -1 / "
+                         f"None: unbounded) and right 0, -1 or None (decoding is causal)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"decode_attention: {name} must be contiguous in its last (head) dimension; call "
@@ -252,20 +307,26 @@ def _check_inputs(q, k, v, lengths):
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, *, softcap: float | None = None,
+                     window: tuple[int | None, int | None] | None = None) -> torch.Tensor:
     """Attention of Tq new queries over a KV cache with per-row valid lengths.
 
-    q: (B, H, Tq, D), 1 <= Tq <= 16; k, v: the cache buffers (B, H, Tmax, D), of which the first lengths[b]
+    q: (B, H, Tq, D), 1 <= Tq <= 16; k, v: the cache buffers (B, H_kv, Tmax, D), H_kv dividing H (GQA/MQA: a
+    program reads a kv head once for all the query heads that share it), of which the first lengths[b]
     positions of row b are valid (the new queries' own keys included: they are written before the call);
     lengths: (B,) int32 on q's device, Tq <= lengths[b] <= Tmax (not checked: that would need a host sync).
-    Query i of row b is at position lengths[b] - Tq + i and sees the keys up to it. float32, float16 or
-    bfloat16, fp32 accumulation, output (B, H, Tq, D) in the input dtype. scale defaults to 1/sqrt(D)."""
-    _check_inputs(q, k, v, lengths)
+    Query i of row b is at position lengths[b] - Tq + i and sees the keys up to it; with window=(left, 0) only
+    the last left + 1 of them (keys before the window are not read). softcap: scores become
+    softcap * tanh(score / softcap), as in kernels.attention. float32, float16 or bfloat16, fp32 accumulation,
+    output (B, H, Tq, D) in the input dtype. scale defaults to 1/sqrt(D)."""
+    _check_inputs(q, k, v, lengths, softcap, window)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     B, H, Tq, D = q.shape
-    num_splits = num_splits_for(B, H, k.shape[2], launch_config(Tq, D)["BLOCK_N"], q.device)
-    return _decode_attention_op(q, k, v, lengths, float(scale), num_splits)
+    heads = heads_per_program(H // k.shape[1], Tq)
+    num_splits = num_splits_for(B, H // heads, k.shape[2], launch_config(heads * Tq, D)["BLOCK_N"], q.device)
+    left = -1 if window is None or window[0] is None else window[0]
+    return _decode_attention_op(q, k, v, lengths, float(scale), num_splits, float(softcap or 0.0), left)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,9 +348,10 @@ def inspect_cases(B=16, H=12, Tmax=1024, sms=132) -> list[dict]:
             sizes = dict(H=H, Tq=tq, D=d, num_splits=num_splits)
             cases.append(launch_case("decode_attention_split", _decode_split_kernel, cfg, problem, dict(
                 Q=dtype, K=dtype, V=dtype, Lengths=torch.int32, O_part=torch.float32, LSE_part=torch.float32,
-                sm_scale=d ** -0.5, stride_qb=tq * 3 * C, stride_qh=d, stride_qm=3 * C,
+                sm_scale=d ** -0.5, softcap=1.0, stride_qb=tq * 3 * C, stride_qh=d, stride_qm=3 * C,
                 stride_kb=H * Tmax * d, stride_kh=Tmax * d, stride_kn=d, stride_vb=H * Tmax * d, stride_vh=Tmax * d,
-                stride_vn=d, chunk=_chunk(Tmax, num_splits, cfg["BLOCK_N"]), **sizes)))
+                stride_vn=d, GROUP=1, HEADS=1, window_left=0, chunk=_chunk(Tmax, num_splits, cfg["BLOCK_N"]),
+                WINDOW=False, SOFTCAP=False, **sizes)))
             cases[-1]["loops"] = []  # no tl.dot (scores by broadcast and sum): the cost model reports its loop unnamed
             combine = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"],
                            num_warps=COMBINE_NUM_WARPS, num_stages=1)

@@ -6,21 +6,26 @@ never branches on the name. Each implementation has one name everywhere (registr
 naive (plain tensor math), sdpa (PyTorch's F.* functions), triton (kernels/).
 
 Every backend implements the same functions, and may add a fused one:
-    attention(q, k, v, dropout_p) -> y     q, k, v: (B, H, T, D), causal, scale 1/sqrt(D)
+    attention(q, k, v, dropout_p, softcap=None, window=None) -> y
+                                           q: (B, H, T, D), k, v: (B, H_kv, T, D) with H_kv dividing H (GQA/MQA:
+                                           query head h uses kv head h // (H / H_kv)); causal, scale 1/sqrt(D);
+                                           softcap: scores become softcap * tanh(score / softcap) (Gemma 2);
+                                           window=(left, 0): query i sees keys i - left .. i only (sliding window)
     layer_norm(x, weight, bias, eps) -> y  normalizes the last dimension; bias may be None
     gelu(x, bias, approximate) -> y        GELU of x + bias, exact ("none", erf) or "tanh"; bias may be None
     add_layer_norm(x, residual, weight, bias, eps) -> (h, y)
                                            h = x + residual (the residual stream's update), y = layer_norm(h);
                                            left out (None), it is that composition of the backend's layer_norm
-    decode_attention(q, k, v, lengths) -> y
-                                           q: (B, H, Tq, D) new queries; k, v: the KV cache (B, H, Tmax, D);
+    decode_attention(q, k, v, lengths, softcap=None, window=None) -> y
+                                           q: (B, H, Tq, D) new queries; k, v: the KV cache (B, H_kv, Tmax, D);
                                            lengths: (B,) int32 valid positions per row, the new ones included;
                                            query i of row b sits at lengths[b] - Tq + i and sees keys up to it
+                                           (and, with window=(left, 0), none before its position - left)
 and, where the backend has one, a fused loss head for training (None: the model computes the logits, then
 cross-entropy, `linear_loss_head`; GPTConfig.fused_loss_head=False makes it do so anyway):
-    loss_head(x, weight, targets, ignore_index) -> (None, loss)
-        loss = F.cross_entropy(x @ weight.T, targets, ignore_index=ignore_index) over all positions, without
-        building the logits (so there are none to return)
+    loss_head(x, weight, targets, ignore_index, softcap=None) -> (None, loss)
+        loss = F.cross_entropy(capped(x @ weight.T, softcap), targets, ignore_index=ignore_index) over all
+        positions, without building the logits (so there are none to return)
 
 A backend also declares what it needs to run: `runs_triton` (its kernels are Triton programs: a CUDA GPU, or
 Triton's interpreter on a CPU). `check_device(device)` turns that into the one-line ConfigError that train.py,
@@ -112,30 +117,62 @@ def get_backend(name: str) -> Backend:
 
 
 # ----------------------------------------------------------------------------------------------
+# the attention options' math, shared by the naive and sdpa backends
+
+
+def capped(scores, softcap=None):
+    """softcap * tanh(scores / softcap) (Gemma 2's attention and final-logit softcaps); None: the scores as they are."""
+    return scores if not softcap else softcap * torch.tanh(scores / softcap)
+
+
+def expand_kv(k, n_head):
+    """(B, H_kv, T, D) -> (B, n_head, T, D): each kv head repeated for the query heads that share it (GQA), in
+    memory; the reference way, which the Triton kernels avoid by indexing kv head h // group."""
+    group = n_head // k.size(1)
+    return k if group == 1 else k.repeat_interleave(group, dim=1)
+
+
+def causal_mask(T, window, device):
+    """(T, T) bool: query i sees key j iff j <= i (and, with window=(left, 0), j >= i - left)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    visible = j <= i
+    if window is not None:
+        visible &= j >= i - window[0]
+    return visible
+
+
+# ----------------------------------------------------------------------------------------------
 # naive: the reference everything else is checked against, written as plain tensor math
 
 
-def naive_attention(q, k, v, dropout_p=0.0):
+def naive_attention(q, k, v, dropout_p=0.0, softcap=None, window=None):
     T = q.size(-2)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-    causal_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    att = att.masked_fill(~causal_mask, float("-inf"))
+    k, v = expand_kv(k, q.size(1)), expand_kv(v, q.size(1))
+    att = capped((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1))), softcap)
+    att = att.masked_fill(~causal_mask(T, window, q.device), float("-inf"))
     att = torch.softmax(att, dim=-1)
     if dropout_p > 0.0:
         att = F.dropout(att, p=dropout_p)
     return att @ v
 
 
-def decode_mask(lengths, Tq, Tmax):
-    """(B, 1, Tq, Tmax) bool, True where query i of row b (at position lengths[b] - Tq + i) may see key j.
-    Built on the device from the lengths tensor: no .item(), the same shape every step (CUDA graphs)."""
-    q_pos = query_positions(lengths, Tq)
-    return (torch.arange(Tmax, device=lengths.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+def decode_mask(lengths, Tq, Tmax, window=None):
+    """(B, 1, Tq, Tmax) bool, True where query i of row b (at position lengths[b] - Tq + i) may see key j (with
+    window=(left, 0): only keys from its position - left). Built on the device from the lengths tensor: no
+    .item(), the same shape every step (CUDA graphs)."""
+    q_pos = query_positions(lengths, Tq)[:, :, None]
+    keys = torch.arange(Tmax, device=lengths.device)[None, None, :]
+    visible = keys <= q_pos
+    if window is not None:
+        visible &= keys >= q_pos - window[0]
+    return visible[:, None]
 
 
-def naive_decode_attention(q, k, v, lengths):
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-    att = att.masked_fill(~decode_mask(lengths, q.size(-2), k.size(-2)), float("-inf"))
+def naive_decode_attention(q, k, v, lengths, softcap=None, window=None):
+    k, v = expand_kv(k, q.size(1)), expand_kv(v, q.size(1))
+    att = capped((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1))), softcap)
+    att = att.masked_fill(~decode_mask(lengths, q.size(-2), k.size(-2), window), float("-inf"))
     return torch.softmax(att, dim=-1) @ v
 
 
@@ -154,9 +191,10 @@ def naive_gelu(x, bias=None, approximate="none"):
     return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
 
 
-def linear_loss_head(x, weight, targets, ignore_index=-1):
-    """The LM head and its loss as nanoGPT computes them: the (B, T, V) logits, then cross-entropy on them."""
-    logits = F.linear(x, weight)
+def linear_loss_head(x, weight, targets, ignore_index=-1, softcap=None):
+    """The LM head and its loss as nanoGPT computes them: the (B, T, V) logits (capped with a logit softcap),
+    then cross-entropy on them."""
+    logits = capped(F.linear(x, weight), softcap)
     loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=ignore_index)
     return logits, loss
 
@@ -165,12 +203,23 @@ def linear_loss_head(x, weight, targets, ignore_index=-1):
 # sdpa: PyTorch's fused kernels (flash / memory-efficient / cuDNN attention where the device has them)
 
 
-def sdpa_attention(q, k, v, dropout_p=0.0):
+def sdpa_attention(q, k, v, dropout_p=0.0, softcap=None, window=None):
+    if softcap:  # SDPA has no score modifier (flex_attention would): the plain math, as naive
+        return naive_attention(q, k, v, dropout_p, softcap, window)
+    gqa = q.size(1) != k.size(1)
+    if window is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q.size(-2), window, q.device),
+                                              dropout_p=dropout_p, enable_gqa=gqa)
+    if gqa:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
-def sdpa_decode_attention(q, k, v, lengths):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask(lengths, q.size(-2), k.size(-2)))
+def sdpa_decode_attention(q, k, v, lengths, softcap=None, window=None):
+    if softcap:
+        return naive_decode_attention(q, k, v, lengths, softcap, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=decode_mask(lengths, q.size(-2), k.size(-2), window),
+                                          enable_gqa=q.size(1) != k.size(1))
 
 
 def sdpa_layer_norm(x, weight, bias=None, eps=1e-5):
@@ -184,15 +233,18 @@ def sdpa_gelu(x, bias=None, approximate="none"):
 def _triton_backend() -> Backend:
     import kernels  # imported here: triton is only needed when this backend is used
 
-    def attention(q, k, v, dropout_p=0.0):
-        return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p)
+    def attention(q, k, v, dropout_p=0.0, softcap=None, window=None):
+        return kernels.attention(q, k, v, causal=True, dropout_p=dropout_p, softcap=softcap, window=window)
 
-    def loss_head(x, weight, targets, ignore_index=-1):
-        return None, kernels.linear_cross_entropy(x, weight, targets, ignore_index=ignore_index)
+    def decode_attention(q, k, v, lengths, softcap=None, window=None):
+        return kernels.decode_attention(q, k, v, lengths, softcap=softcap, window=window)
+
+    def loss_head(x, weight, targets, ignore_index=-1, softcap=None):
+        return None, kernels.linear_cross_entropy(x, weight, targets, ignore_index=ignore_index, softcap=softcap)
 
     return Backend(
         "triton", attention, kernels.layer_norm, kernels.gelu, add_layer_norm=kernels.add_layer_norm,
-        decode_attention=kernels.decode_attention, loss_head=loss_head, runs_triton=True,
+        decode_attention=decode_attention, loss_head=loss_head, runs_triton=True,
         description="handwritten Triton kernels: fused causal attention (FlashAttention-2), residual add + "
                     "LayerNorm, bias+GELU, split-K decode attention, linear + cross-entropy without the logits",
     )

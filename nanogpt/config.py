@@ -64,6 +64,11 @@ class TrainConfig:
     attn: str = option("sdpa", "kernel backend (attention, LayerNorm, GELU): " + BACKENDS_HELP)
     fused_loss_head: bool = option(True, "the backend's fused lm_head + cross-entropy where it has one (triton: "
                                          "no logits in memory); False computes the logits as nanoGPT")
+    n_kv_head: int = option(0, "key/value heads, dividing n_head (GQA; 1: MQA); 0: one per head (GPT-2)")
+    attn_window: int = option(0, "sliding window: a query sees itself and the attn_window - 1 keys before it; "
+                                 "0: all")
+    attn_softcap: float = option(0.0, "cap attention scores as c * tanh(s / c) (Gemma 2: 50); 0: off")
+    logit_softcap: float = option(0.0, "cap the final logits the same way (Gemma 2: 30, modded-nanogpt: 15); 0: off")
     # AdamW
     learning_rate: float = option(6e-4, "peak learning rate")
     max_iters: int = option(600000, "total optimizer steps")

@@ -18,6 +18,7 @@ def model_from_checkpoint(ckpt: dict, source, attn=None, dropout=None, fused_los
         if value is not None:
             args[key] = value
     known = {f.name: f.type for f in fields(GPTConfig)}
+    off_when_zero = {f.name for f in fields(GPTConfig) if f.default == 0}  # n_kv_head, attn_window: 0 is "off"
     unknown = sorted(set(args) - set(known))
     if unknown:
         raise CheckpointError(f"{source}: model_args has keys this model does not know ({', '.join(unknown)}): it "
@@ -28,8 +29,10 @@ def model_from_checkpoint(ckpt: dict, source, attn=None, dropout=None, fused_los
         if expected is not None and (not isinstance(v, expected) or (expected is int and isinstance(v, bool))):
             raise CheckpointError(f"{source}: model_args {k}={v!r} is not of type {known[k]} (use a checkpoint written "
                                   f"by train.py)")
-        if expected is int and v <= 0:
-            raise CheckpointError(f"{source}: model_args {k}={v} must be > 0 (use a checkpoint written by train.py)")
+        if expected is int and (v < 0 if k in off_when_zero else v <= 0):
+            bound = ">= 0" if k in off_when_zero else "> 0"
+            raise CheckpointError(f"{source}: model_args {k}={v} must be {bound} (use a checkpoint written by "
+                                  f"train.py)")
     try:
         check_model_memory(GPTConfig(**args), args.get("vocab_size", 50304), batch_size=1)
         model = GPT(GPTConfig(**args))

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanogpt.backends import check_backend_name, get_backend, linear_loss_head
+from nanogpt.backends import capped, check_backend_name, get_backend, linear_loss_head
 from nanogpt.errors import ConfigError
 from nanogpt.generate import generate
 from nanogpt.hardware import device_peak_flops
@@ -34,6 +34,11 @@ class GPTConfig:
     # model(idx, targets) with the backend's fused loss head where it has one (triton: the logits are never built,
     # the memory win, and the model returns (None, loss)); False: nanoGPT's (logits, loss) with every backend
     fused_loss_head: bool = True
+    # options of today's GPTs, off by default (GPT-2 as it is): each goes to the backend's kernels
+    n_kv_head: int = 0  # key/value heads, dividing n_head (GQA; 1: MQA); 0: n_head
+    attn_window: int = 0  # sliding window: a query sees itself and the attn_window - 1 keys before it; 0: all
+    attn_softcap: float = 0.0  # attention scores capped as softcap * tanh(s / softcap) (Gemma 2); 0: off
+    logit_softcap: float = 0.0  # the final logits capped the same way (Gemma 2, modded-nanogpt); 0: off
 
     def __post_init__(self):
         # the model's own checks, in one place: the training and sampling configs build a GPTConfig to run them
@@ -43,6 +48,23 @@ class GPTConfig:
         check_backend_name(self.attn)  # an unknown name fails here, listing the known ones
         if self.gelu not in ("none", "tanh"):
             raise ConfigError(f"gelu={self.gelu!r}: choose 'none' (exact) or 'tanh'")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise ConfigError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (or be 0: one kv head "
+                              f"per head)")
+        if self.attn_window < 0:
+            raise ConfigError(f"attn_window={self.attn_window} must be >= 0 (0: no sliding window)")
+        for key in ("attn_softcap", "logit_softcap"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 0 (0: no cap; Gemma 2 uses 50 and 30)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    def attention_options(self) -> dict:
+        """The keyword arguments every backend's attention and decode_attention take for these options."""
+        return dict(softcap=self.attn_softcap or None,
+                    window=(self.attn_window - 1, 0) if self.attn_window else None)
 
 
 def model_args(cfg, **overrides) -> dict:
@@ -75,32 +97,36 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, backend):
         super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_dim = config.n_embd // config.n_head
+        kv_width = self.n_kv_head * self.head_dim  # n_embd without GQA
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_width, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.kv_width = kv_width
         self.dropout = config.dropout
         self.backend = backend
+        self.options = config.attention_options()
 
     def forward(self, x, kv=None, lengths=None):
         """Without kv: training and uncached inference. With kv (this layer's LayerKV) and no lengths: prefill,
         tokens at positions 0..T-1, whose keys and values go into the cache. With both: decode, the T new tokens
         are the last T of each row's lengths[b] valid positions (lengths counts them already)."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = self.c_attn(x).split([self.n_embd, self.kv_width, self.kv_width], dim=2)
         # (B, T, C) -> (B, nh, T, hs): strided views; the Triton kernel reads them without a copy
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if kv is not None and lengths is not None:
             # decode: the new keys go into the static cache, the new queries attend to all the row's keys
             kv.write(k, v, lengths)
-            y = self.backend.decode_attention(q.to(kv.k.dtype), kv.k, kv.v, lengths)
+            y = self.backend.decode_attention(q.to(kv.k.dtype), kv.k, kv.v, lengths, **self.options)
         else:
             if kv is not None:  # prefill: the same causal kernel as training, then remember k, v
                 kv.prefill(k, v)
-            y = self.backend.attention(q, k, v, self.dropout if self.training else 0.0)
+            y = self.backend.attention(q, k, v, self.dropout if self.training else 0.0, **self.options)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -215,18 +241,22 @@ class GPT(nn.Module):
         if targets is not None:
             # the loss head: logits then cross-entropy, or (config.fused_loss_head with a backend that has one,
             # triton) a fused kernel that never builds the (b, t, vocab) logits and returns None for them
-            logits, loss = self.loss_head(x, self.lm_head.weight, targets, ignore_index=-1)
+            logits, loss = self.loss_head(x, self.lm_head.weight, targets, ignore_index=-1,
+                                          softcap=self.config.logit_softcap or None)
         else:
             # inference: only the last position's logits are needed (the list [-1] keeps the time dim)
-            logits = self.lm_head(x[:, [-1], :])
+            logits = self._logits(x[:, [-1], :])
             loss = None
         return logits, loss
+
+    def _logits(self, x):
+        return capped(self.lm_head(x), self.config.logit_softcap or None)
 
     # --------------------------------------------------------------------------------------------
     # generation with the KV cache (nanogpt/kv_cache.py): the model owns it, sampling only drives it
 
     def setup_kv_cache(self, batch_size, dtype=None, device=None):
-        """Allocate the static cache, (batch_size, n_head, block_size, head_dim) keys and values per layer, in
+        """Allocate the static cache, (batch_size, n_kv_head, block_size, head_dim) keys and values per layer, in
         `dtype` (default: the weights'; under autocast pass the autocast dtype). Reused when it already fits;
         every row starts empty."""
         weight = self.lm_head.weight
@@ -234,7 +264,8 @@ class GPT(nn.Module):
         if self.kv_cache is None or not self.kv_cache.fits(batch_size, dtype, device):
             self.kv_cache = None  # free the old buffers first
             c = self.config
-            self.kv_cache = KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, dtype, device)
+            self.kv_cache = KVCache(c.n_layer, batch_size, c.kv_heads, c.block_size, c.n_embd // c.n_head, dtype,
+                                    device)
         self.kv_cache.lengths.zero_()
         return self.kv_cache
 
@@ -255,10 +286,10 @@ class GPT(nn.Module):
         x = self._blocks(self._embed(idx, what="prefill"), self.kv_cache.layers)
         if lengths is None:
             self.kv_cache.lengths.fill_(t)
-            return self.lm_head(x[:, [-1], :])
+            return self._logits(x[:, [-1], :])
         self.kv_cache.lengths.copy_(lengths)
         last = x[torch.arange(b, device=idx.device), lengths.long() - 1]
-        return self.lm_head(last[:, None, :])
+        return self._logits(last[:, None, :])
 
     def decode(self, idx):
         """One decoding step: idx (B, Tq) new tokens, appended after each row's valid positions; returns their
@@ -269,7 +300,7 @@ class GPT(nn.Module):
         lengths = self.kv_cache.lengths + t  # valid positions once the new tokens are in
         x = self._blocks(self._embed(idx, query_positions(lengths, t)), self.kv_cache.layers, lengths)
         self.kv_cache.lengths.copy_(lengths)
-        return self.lm_head(x)
+        return self._logits(x)
 
     def crop_block_size(self, block_size):
         """Model surgery for a smaller block size, e.g. GPT-2's 1024 cropped to 256 for fine-tuning."""
@@ -300,12 +331,13 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len=None):
         """nanoGPT's (PaLM appendix B) count: 6N for the weights plus 12*L*H*Q*T for attention scores,
-        forward and backward together."""
+        forward and backward together; with a sliding window a query scores attn_window keys, not T."""
         N = self.get_num_params()
         cfg = self.config
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
         T = seq_len or cfg.block_size
-        return 6 * N + 12 * L * H * Q * T
+        keys = min(T, cfg.attn_window) if cfg.attn_window else T
+        return 6 * N + 12 * L * H * Q * keys
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None, seq_len=None):
         """Model FLOPs utilization: achieved FLOP/s over the device's dense bf16/fp16 peak.

@@ -53,15 +53,30 @@ def run_command(*args, env=None, timeout=300, **kwargs):
                           env={**os.environ, **(env or {})}, timeout=timeout, **kwargs)
 
 
-def attention_reference(q, k, v, causal, scale=None, keep=None, dropout_p=0.0):
-    """Explicit float64 attention; `keep` applies a given dropout mask (scaled by 1/(1-p))."""
+def attention_reference(q, k, v, causal, scale=None, keep=None, dropout_p=0.0, softcap=None, window=None):
+    """Explicit float64 attention; `keep` applies a given dropout mask (scaled by 1/(1-p)). k, v may have fewer
+    heads than q (GQA: repeated here, so their gradients sum over the group); causal and window=(left, right)
+    (-1 or None: unbounded) are aligned bottom-right as in FlashAttention; softcap caps the scaled scores; a
+    query that sees no key outputs 0."""
     q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     s = (q @ k.transpose(-2, -1)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    rel = torch.arange(Tk, device=q.device)[None, :] - torch.arange(Tq, device=q.device)[:, None] - (Tk - Tq)
+    left, right = [-1 if w is None else w for w in (window or (-1, -1))]
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
     if causal:
-        T = q.shape[-2]
-        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    p = torch.softmax(s, dim=-1)
+        visible &= rel <= 0
+    if right >= 0:
+        visible &= rel <= right
+    if left >= 0:
+        visible &= rel >= -left
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
     if keep is not None:
         p = p * keep / (1.0 - dropout_p)
     return p @ v

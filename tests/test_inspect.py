@@ -19,11 +19,28 @@ from kernels.inspect import ROW_KEYS, duplicated_work, over_limits, problems_of 
 
 ARCHS = ("sm_90", "sm_80")
 
-# Configs that still spill or leave wgmma, and why they are still shipped: none. (The attention redesign, issue 12:
+# Configs that still spill or leave wgmma, and why they are still shipped. (The attention redesign, issue 12:
 # transposed dK/dV orientation and the one-launch backward, emptied the attention entries; configs that spill on
 # one architecture or with dropout are skipped there by the lists in kernels/attention.py.)
 # Keys: (kernel, arch, BLOCK_D, (the config's BLOCK_* values..., num_warps, num_stages)).
-ALLOWED = set()
+# One since issue 21's masks (causal aligned bottom-right: the offsets are runtime values): on sm_80 the causal
+# dropout backward at BLOCK_D=64, 64x32/4w, the only config shipped there, sat at 255 registers with 0 B and now
+# spills 8 B, outside the main loops (no LDL/STL in them: bench/results/NOTES.md, session 32).
+ALLOWED = {("attention_bwd", "sm_80", 64, (64, 32, 4, 3))}
+
+# Configs allowed to spill on the problems that turn every attention option on together (GQA group 4, window 256,
+# softcap 30: kernels.attention.inspect_cases' OPTIONS), never on the plain ones. The softcap keeps its tanh tile
+# live from the scores to dS in the backward: on sm_90 these sit at 255 registers and spill 136-160 B, on sm_80
+# 72-456 B. The autotuner, which times every shipped config on the GPU, decides among them there;
+# bench/results/NOTES.md (sessions 31-32) has the numbers.
+ALLOWED_WITH_OPTIONS = {
+    ("attention_bwd", "sm_90", 64, (64, 64, 4, 3)),
+    ("attention_bwd", "sm_90", 128, (64, 32, 4, 3)),
+    ("attention_bwd", "sm_90", 128, (128, 32, 8, 3)),
+    ("attention_bwd", "sm_80", 64, (64, 32, 4, 3)),
+    ("attention_bwd", "sm_80", 64, (128, 64, 8, 3)),
+    ("attention_bwd", "sm_80", 128, (64, 32, 4, 3)),
+}
 
 # Shipped configs allowed to issue more MMA FLOPs than their tiles need (the static cost model, --loops: issued /
 # needed > 1.00, warps computing the same tile twice). Empty: the backward redesign (issue 23) removed the 8-warp,
@@ -74,10 +91,13 @@ def allow_key(row):
     return (row["kernel"], row["arch"], block_d, blocks + (c["num_warps"], c["num_stages"]))
 
 
-def offending(rows, allowed=ALLOWED):
-    """The rows that fail: over the limits (never allowed), or spilling / off wgmma and not in `allowed`."""
-    return [(r["id"], problems_of(r)) for r in rows
-            if over_limits(r) or (problems_of(r) and allow_key(r) not in allowed)]
+def offending(rows, allowed=ALLOWED, allowed_with_options=ALLOWED_WITH_OPTIONS):
+    """The rows that fail: over the limits (never allowed), or spilling / off wgmma and not in `allowed` (nor,
+    on an all-options problem, in `allowed_with_options`)."""
+    def excused(r):
+        key = allow_key(r)
+        return key in allowed or ("options" in r["problem"] and key in allowed_with_options)
+    return [(r["id"], problems_of(r)) for r in rows if over_limits(r) or (problems_of(r) and not excused(r))]
 
 
 def _compiled(shipped, rows):
@@ -145,6 +165,9 @@ def test_allow_list_is_still_needed(inspected):
     rows = [r for arch in ARCHS for r in inspected["rows"][arch]]
     still = {allow_key(r) for r in rows if problems_of(r)}
     assert not (ALLOWED - still), f"clean or unshipped now, remove from ALLOWED: {sorted(ALLOWED - still)}"
+    with_options = {allow_key(r) for r in rows if problems_of(r) and "options" in r["problem"]}
+    gone = ALLOWED_WITH_OPTIONS - with_options
+    assert not gone, f"clean or unshipped now, remove from ALLOWED_WITH_OPTIONS: {sorted(gone)}"
 
 
 def _row(**changes):
@@ -170,6 +193,10 @@ def test_the_check_catches_spills_mma_sync_and_limits():
     allowed = {allow_key(_row(spill_bytes=8))}
     assert offending([_row(spill_bytes=8)], allowed) == []
     assert offending([_row(spill_bytes=8, shared_bytes=300 * 1024)], allowed)  # over the limits: never allowed
+    # allowed with options: only on a problem with the options on
+    options = {"dtype": "bf16", "head_dim": 64, "causal": True, "dropout": False, "options": "group4"}
+    assert offending([_row(spill_bytes=8, problem=options)], set(), allowed) == []
+    assert offending([_row(spill_bytes=8)], set(), allowed) == [("attention_bwd_dkdv-x", ["spills 8 B"])]
 
 
 def _inspect_cli(*args, prelude=""):

@@ -3,7 +3,7 @@ otherwise launches one small fixed config) at small shapes with tails, in float3
 
 The config lists are read from the kernel modules, so a config added there is tested here the day it is added.
 Attention: each entry of FWD_CONFIGS / BWD_CONFIGS is forced onto its kernel with
-`kernels.attention.forced_configs`, at every BLOCK_D it is shipped for among 64 and 128 (the model's head dims),
+`kernels.attention.forced_configs`, at every BLOCK_D it is shipped for among 64, 128 (the model's head dims) and 256,
 with T and Tk no multiple of any block. LayerNorm / GELU: their launch parameters are a function of the row width,
 so `launch_config` is made to answer as on a GPU, at widths that fall in each block size's bracket with a tail.
 """
@@ -21,7 +21,7 @@ layer_norm_module = importlib.import_module("kernels.layer_norm")
 gelu_module = importlib.import_module("kernels.gelu")
 
 DTYPES = [torch.float32, torch.float16]
-HEAD_DIM_FOR_BLOCK_D = {64: 48, 128: 80}  # padded head dims: D < BLOCK_D exercises the masked columns
+HEAD_DIM_FOR_BLOCK_D = {64: 48, 128: 80, 256: 200}  # padded head dims: D < BLOCK_D exercises the masked columns
 
 
 def _config_id(c):

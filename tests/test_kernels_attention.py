@@ -31,7 +31,8 @@ def make_qkv(shape, dtype, seed=0):
 def check(q, k, v, causal, dtype, **kwargs):
     o = attention(q, k, v, causal=causal, **{k_: v_ for k_, v_ in kwargs.items() if k_ != "keep"})
     assert o.dtype == dtype and o.shape == q.shape
-    o_ref = reference(q, k, v, causal, kwargs.get("scale"), kwargs.get("keep"), kwargs.get("dropout_p", 0.0))
+    o_ref = reference(q, k, v, causal, kwargs.get("scale"), kwargs.get("keep"), kwargs.get("dropout_p", 0.0),
+                      kwargs.get("softcap"), kwargs.get("window"))
     tol = tolerance(dtype, "matmul")
     assert relative_error(o, o_ref) <= tol, "output"
     do = torch.randn_like(o)
@@ -88,6 +89,111 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+# ------------------------------------------------------------------------------------------------ GQA, causal Tq < Tk,
+# head dims up to 256, softcap, sliding windows: flash-attention's test grid, shrunk for the interpreter
+
+
+def make_gqa(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    shapes = ((B, H, Tq, D), (B, H_kv, Tk, D), (B, H_kv, Tk, D))
+    return [torch.randn(s, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("H_kv", [8, 4, 2, 1], ids=lambda h: {8: "MHA", 1: "MQA"}.get(h, f"GQA{8 // h}"))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_grouped_query_attention(H_kv, causal, dtype):
+    """k/v with H_kv heads shared by H / H_kv query heads each, never repeated in memory: dK/dV sum over the
+    group inside one program."""
+    check(*make_gqa(2, 8, H_kv, 37, 37, 32, dtype), causal, dtype)
+
+
+# (Tq, Tk): flash-attention's ragged pairs (113 vs 203, 108 vs 256) and short ones; causal aligned bottom-right
+UNEQUAL_LENGTHS = [(113, 203), (108, 256), (1, 7), (7, 7), (3, 40), (17, 33)]
+
+
+@pytest.mark.parametrize("lengths", UNEQUAL_LENGTHS, ids=str)
+def test_causal_with_fewer_queries_than_keys(lengths):
+    Tq, Tk = lengths
+    check(*make_gqa(1, 2, 1, Tq, Tk, 16), True, torch.float32)
+
+
+@pytest.mark.parametrize("D", [40, 80, 96, 160, 192, 224, 256])
+def test_head_dims_up_to_256(D):
+    check(*make_gqa(1, 2, 1, 19, 19, D), True, torch.float32)
+
+
+@pytest.mark.parametrize("D", [160, 256])
+def test_large_head_dims_in_half_precision(D):
+    check(*make_gqa(1, 2, 2, 33, 33, D, torch.float16), True, torch.float16)
+
+
+@pytest.mark.parametrize("softcap", [1.0, 5.0, 30.0])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_softcap(softcap, causal):
+    q, k, v = make_gqa(1, 2, 2, 45, 45, 32)
+    with torch.no_grad():
+        q *= 3.0  # scores large enough that the cap bends them
+    check(q, k, v, causal, torch.float32, softcap=softcap)
+
+
+# (window, causal): left 0 / 1 / T (the diagonal only, one neighbour, everything), right sides, both
+WINDOWS = [((0, None), True), ((1, None), True), ((50, None), True), ((7, 0), True), ((5, 3), False),
+           ((0, 0), False), ((None, 4), False), ((16, None), False), ((2, 50), False)]
+
+
+@pytest.mark.parametrize("window, causal", WINDOWS, ids=str)
+@pytest.mark.parametrize("lengths", [(50, 50), (23, 61)], ids=str)
+def test_sliding_window(window, causal, lengths):
+    check(*make_gqa(1, 2, 1, *lengths, 32), causal, torch.float32, window=window)
+
+
+@pytest.mark.parametrize("lengths, window", [((70, 20), (0, 0)), ((40, 9), (3, 1))], ids=str)
+def test_queries_that_see_no_key_output_zero(lengths, window):
+    """With more queries than keys, a bottom-right window leaves the first queries beyond every key: those rows
+    are 0 and their gradients 0, as in FlashAttention."""
+    q, k, v = make_gqa(1, 2, 2, *lengths, 16)
+    o = attention(q, k, v, causal=False, window=window).detach()
+    unseen = attention_reference(q, k, v, False, window=window).abs().sum(-1) == 0
+    assert unseen.any() and torch.equal(o[unseen], torch.zeros_like(o[unseen]))
+    check(q, k, v, False, torch.float32, window=window)
+
+
+def test_all_options_together_with_dropout():
+    """GQA, causal Tq < Tk, softcap, a window and dropout at once, against the kernels' own mask."""
+    q, k, v = make_gqa(1, 4, 2, 30, 47, 48)
+    options = dict(softcap=4.0, window=(9, None))
+    p = 0.2
+    torch.manual_seed(5)
+    o = attention(q, k, v, True, p, **options)
+    torch.manual_seed(5)
+    _, seed = last_seed_of(q, k, v, True, p)
+    keep = dropout_mask(1, 4, 30, 47, p, seed, device=DEVICE)
+    torch.manual_seed(5)
+    grads = check(q, k, v, True, torch.float32, dropout_p=p, keep=keep, **options)
+    assert o.shape == q.shape and grads[1].shape == k.shape
+
+
+def test_gqa_backward_is_deterministic():
+    q, k, v = make_gqa(1, 6, 2, 77, 77, 32)
+    o = attention(q, k, v, window=(20, None))
+    do = torch.randn_like(o)
+    first = torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+    second = torch.autograd.grad(o, (q, k, v), do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_window_tiles_counts_what_the_window_skips():
+    tiles = attention_module.window_tiles
+    full = tiles(1024, 1024, causal=True, block_m=128, block_n=64)
+    assert full["visited"] < full["total"] == 8 * 16  # causal alone skips the tiles above the diagonal
+    windowed = tiles(1024, 1024, causal=True, window=(128, None), block_m=128, block_n=64)
+    # each query block of 128 sees at most 128 + 127 keys behind it: at most 5 key tiles of 64 (4 + a partial)
+    assert windowed["visited"] <= 8 * 5 and windowed["skipped"] == windowed["total"] - windowed["visited"]
+    assert tiles(100, 100, causal=False, block_m=32, block_n=16)["skipped"] == 0
+
+
 @pytest.fixture
 def tma_path(monkeypatch):
     """Launch the tensor-descriptor (TMA) code path that sm_90 takes; the interpreter runs descriptors too."""
@@ -107,6 +213,12 @@ def tma_path(monkeypatch):
 def test_tensor_descriptor_path(tma_path, shape, causal, dtype):
     check(*make_qkv(shape, dtype), causal, dtype)
     assert tma_path == [4, 7]  # the forward (q, k, v, o) and the backward (q, k, v, dO, dq, dk, dv) took it
+
+
+@pytest.mark.parametrize("window", [None, (10, None)], ids=["plain", "window"])
+def test_tensor_descriptor_path_with_gqa_and_options(tma_path, window):
+    check(*make_gqa(1, 4, 2, 29, 53, 64), True, torch.float32, softcap=3.0, window=window)
+    check(*make_gqa(1, 2, 1, 21, 21, 256), True, torch.float32)
 
 
 def test_tensor_descriptor_path_reads_strided_views_and_drops_out(tma_path):
@@ -233,10 +345,10 @@ def test_seed_stays_on_the_device():
     q, k, v = (t.detach() for t in make_qkv((1, 1, 8, 16), torch.float32))
     scale = 0.25
     torch.manual_seed(3)
-    _, _, seed = attention_module._attention_fwd_op(q, k, v, True, 0.1, scale)
+    _, _, seed = attention_module._attention_fwd_op(q, k, v, True, 0.1, scale, 0.0, -1, -1)
     assert seed.device == q.device and seed.dtype == torch.int64 and seed.shape == (1,)
     torch.manual_seed(3)
-    assert torch.equal(attention_module._attention_fwd_op(q, k, v, True, 0.1, scale)[2], seed)
+    assert torch.equal(attention_module._attention_fwd_op(q, k, v, True, 0.1, scale, 0.0, -1, -1)[2], seed)
 
 
 def test_autotune_key_buckets_sequence_lengths():
@@ -277,9 +389,13 @@ def test_bad_input_errors():
     q, k, v = (t.detach() for t in make_qkv((1, 2, 8, 32), torch.float32))
     with pytest.raises(ValueError, match=r"attention: shapes do not match: q \(1, 2, 8, 32\), k \(1, 3, 8, 32\)"):
         attention(q, torch.randn(1, 3, 8, 32, device=DEVICE), v)
-    with pytest.raises(ValueError, match="attention: head dim 40 is not supported; supported: 16, 32, 48, 64"):
-        x = torch.randn(1, 2, 8, 40, device=DEVICE)
-        attention(x, x, x)
+    with pytest.raises(ValueError, match=r"k \(1, 3, 8, 32\), v \(1, 2, 8, 32\) \(k and v must be \(B, H_kv"):
+        attention(q, torch.randn(1, 3, 8, 32, device=DEVICE), v)  # H_kv = 3 does not divide H = 2
+    for D in (44, 264):
+        with pytest.raises(ValueError, match=f"attention: head dim {D} is not supported; supported: multiples of 8 "
+                                             f"from 8 to 256"):
+            x = torch.randn(1, 2, 8, D, device=DEVICE)
+            attention(x, x, x)
     with pytest.raises(TypeError, match="attention: q has dtype torch.int64; supported: float32"):
         attention(q.long(), k, v)
     with pytest.raises(TypeError, match="q, k, v must share a dtype"):
@@ -290,8 +406,13 @@ def test_bad_input_errors():
         attention(q, k.to("meta"), v)
     with pytest.raises(ValueError, match=r"dropout_p=1.0 must be in \[0, 1\)"):
         attention(q, k, v, dropout_p=1.0)
-    with pytest.raises(ValueError, match="causal attention needs as many keys as queries"):
+    with pytest.raises(ValueError, match="causal attention needs at least as many keys as queries .* Tq=8, Tk=5"):
         attention(q, k[:, :, :5], v[:, :, :5])
+    for window in ((3,), (-2, 0), (1.5, 0), "left", (True, 0)):
+        with pytest.raises(ValueError, match=r"attention: window=.* must be \(left, right\)"):
+            attention(q, k, v, window=window)
+    with pytest.raises(ValueError, match="attention: softcap=0.0 must be positive"):
+        attention(q, k, v, softcap=0.0)
     with pytest.raises(ValueError, match=r"attention: scale=-0.5 must be positive"):
         attention(q, k, v, scale=-0.5)
 

@@ -23,9 +23,13 @@ OPCHECK_CASES = [
                                                           1e-5, torch.float16)),
     ("gelu", _gelu_fwd_op, lambda: (r(4, 96), r(96), "none")),
     ("gelu_tanh", _gelu_fwd_op, lambda: (r(2, 3, 32), None, "tanh")),
-    ("attention", _attention_fwd_op, lambda: (r(1, 2, 20, 32), r(1, 2, 20, 32), r(1, 2, 20, 32), True, 0.0, 0.2)),
+    # (q, k, v, causal, dropout_p, scale, softcap (0: none), window left, right (-1: unbounded))
+    ("attention", _attention_fwd_op, lambda: (r(1, 2, 20, 32), r(1, 2, 20, 32), r(1, 2, 20, 32), True, 0.0, 0.2,
+                                              0.0, -1, -1)),
     ("attention_full", _attention_fwd_op, lambda: (r(2, 1, 9, 16), r(2, 1, 9, 16), r(2, 1, 9, 16), False, 0.0,
-                                                   0.25)),
+                                                   0.25, 0.0, -1, -1)),
+    ("attention_gqa_options", _attention_fwd_op, lambda: (r(1, 4, 12, 32), r(1, 2, 20, 32), r(1, 2, 20, 32), True,
+                                                          0.0, 0.2, 5.0, 6, -1)),
 ]
 
 
