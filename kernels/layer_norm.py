@@ -1,7 +1,12 @@
-"""LayerNorm over the last dimension, forward and backward, in Triton; optionally fused with the residual add
-before it (a pre-LN transformer's `x = x + branch(...); h = ln(x)`, as `add_layer_norm`).
+"""LayerNorm and RMSNorm over the last dimension, forward and backward, in Triton; optionally fused with the
+residual add before them (a pre-LN transformer's `x = x + branch(...); h = ln(x)`, as `add_layer_norm` and
+`add_rms_norm`).
 
-    y = (h - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps),   var the biased variance,   h = x (+ residual)
+    LayerNorm: y = (h - mean) * rstd * w + b,   rstd = 1 / sqrt(var + eps),   var the biased variance
+    RMSNorm:   y = h * rstd * w,                rstd = 1 / sqrt(mean(h^2) + eps)          (h = x (+ residual))
+
+One kernel pair does both: RMSNorm is LayerNorm with the mean taken as 0 (the RMS constexpr), so the math below
+is written once and RMSNorm's code has no centring, no mean stored, and one row sum less in the backward.
 
 Forward: each program holds whole rows in registers (one row when they are wide, a tile of rows when narrow),
 adds the residual and stores h (the stream's dtype) if there is one, computes mean then the variance of
@@ -10,6 +15,7 @@ y (in the autocast dtype under torch.autocast: it feeds a matmul) and saves mean
 
 Backward, with hhat = (h - mean) * rstd and wdy = w * dy:
     dh = rstd * (wdy - hhat * mean(hhat * wdy) - mean(wdy))  (+ the gradient reaching h directly, if fused)
+    (RMSNorm: mean = 0 and no mean(wdy) term: the mean was not subtracted in the forward)
     dw = sum over rows of dy * hhat,   db = sum over rows of dy
 Two programs per SM each walk a contiguous run of rows, compute dh in the same row pass and add each tile's column
 sums into 1-D dw/db accumulators (a few registers per thread); one small launch then adds the programs' partial
@@ -34,7 +40,7 @@ from kernels._common import (
 
 @triton.jit
 def _layer_norm_fwd(X, Residual, H, Y, W, B, Mean, Rstd, stride_x, stride_r, stride_h, stride_y, M, N, eps,
-                    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     # BLOCK_M whole rows per program (1 for wide rows; several for narrow ones, to keep programs busy)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,8 +56,11 @@ def _layer_norm_fwd(X, Residual, H, Y, W, B, Mean, Rstd, stride_x, stride_r, str
         h = x.to(H.dtype.element_ty)
         tl.store(H + rows64[:, None] * stride_h + cols[None, :], h, mask=mask)
         x = h.to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
-    xc = tl.where(mask, x - mean[:, None], 0.0)
+    if RMS:  # no centring: the masked loads are already 0 past N
+        xc = x
+    else:
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -59,14 +68,15 @@ def _layer_norm_fwd(X, Residual, H, Y, W, B, Mean, Rstd, stride_x, stride_r, str
     if HAS_BIAS:
         y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + rows, mean, mask=row_mask)
+    if not RMS:
+        tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
 
 @triton.jit
 def _layer_norm_bwd(DY, DH, X, W, Mean, Rstd, DX, DW_partial, DB_partial, stride_dy, stride_dh, stride_x, stride_dx,
-                    M, N, rows_per_program, HAS_DH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    M, N, rows_per_program, HAS_DH: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # program p owns the contiguous rows [p * rows_per_program, (p + 1) * rows_per_program), walks them BLOCK_M at
     # a time, and adds each tile's dw/db column sums into 1-D accumulators: BLOCK_N / threads registers each
     pid = tl.program_id(0)
@@ -84,13 +94,19 @@ def _layer_norm_bwd(DY, DH, X, W, Mean, Rstd, DX, DW_partial, DB_partial, stride
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if RMS:  # x is 0 where masked
+            xhat = x * rstd[:, None]
+        else:
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         wdy = w[None, :] * dy
         c1 = tl.sum(xhat * wdy, axis=1) / N
-        c2 = tl.sum(wdy, axis=1) / N
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if RMS:
+            dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            c2 = tl.sum(wdy, axis=1) / N
+            dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DH:  # the gradient reaching the fused residual sum h directly (the stream's skip path)
             dx += tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -182,35 +198,37 @@ SUM_PARTIALS_CONFIG = dict(BLOCK_P=128, BLOCK_N=32, num_warps=4, num_stages=1)
 
 @torch.library.custom_op("nanogpt_kernels::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                       bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None
+                       bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype | None, rms: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, mean, rstd): h = x + residual and y = LayerNorm(h) in out_dtype (default: h's dtype). Without a
-    residual y = LayerNorm(x) and h is an empty tensor (an output may not alias the input x)."""
+    """(y, h, mean, rstd): h = x + residual and y = LayerNorm(h) (RMSNorm(h) with rms; mean is then an empty
+    tensor) in out_dtype (default: h's dtype). Without a residual y = LayerNorm(x) and h is an empty tensor (an
+    output may not alias the input x)."""
     N = x.shape[-1]
     x2 = _rows(x)
     M = x2.shape[0]
     stream_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     y = torch.empty((M, N), dtype=out_dtype or stream_dtype, device=x.device)
     h = torch.empty((M, N) if residual is not None else (0,), dtype=stream_dtype, device=x.device)
-    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    mean = torch.empty(M if not rms else 0, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
         r2 = _rows(residual) if residual is not None else x2
         config = launch_config(N, min(x.element_size(), y.element_size()))
         _layer_norm_fwd[(triton.cdiv(M, config["BLOCK_M"]),)](
-            x2, r2, h if residual is not None else y, y, weight, bias if bias is not None else weight, mean, rstd,
+            x2, r2, h if residual is not None else y, y, weight, bias if bias is not None else weight,
+            rstd if rms else mean, rstd,
             x2.stride(0), r2.stride(0), N, y.stride(0), M, N, eps, HAS_RESIDUAL=residual is not None,
-            HAS_BIAS=bias is not None, **config)
+            HAS_BIAS=bias is not None, RMS=rms, **config)
     return y.view(x.shape), (h.view(x.shape) if residual is not None else h), mean, rstd
 
 
 @_layer_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, eps, out_dtype):
+def _(x, residual, weight, bias, eps, out_dtype, rms=False):
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
     stream_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     h = x.new_empty(x.shape if residual is not None else (0,), dtype=stream_dtype)
-    return (x.new_empty(x.shape, dtype=out_dtype or stream_dtype), h, x.new_empty(M, dtype=torch.float32),
-            x.new_empty(M, dtype=torch.float32))
+    return (x.new_empty(x.shape, dtype=out_dtype or stream_dtype), h,
+            x.new_empty(M if not rms else 0, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
 
 
 def _rows(t):
@@ -221,9 +239,9 @@ def _rows(t):
 
 @torch.library.custom_op("nanogpt_kernels::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
-                       mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool
+                       mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool, rms: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias) of y = LayerNorm(x); dh, if given, is a gradient reaching x directly (the fused
+    """(dx, dweight, dbias) of y = LayerNorm(x) (RMSNorm(x) with rms: mean is empty, never read); dh, if given, is a gradient reaching x directly (the fused
     residual sum's own output) and is added to dx in the same pass."""
     N = x.shape[-1]
     x2, dy2 = _rows(x), _rows(dy)
@@ -239,9 +257,9 @@ def _layer_norm_bwd_op(dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tenso
                                                num_programs_hint(x.device, per_sm=BWD_PROGRAMS_PER_SM))
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device) if has_bias else dw_partial
-    _layer_norm_bwd[(programs,)](dy2, dh2, x2, weight, mean, rstd, dx, dw_partial, db_partial,
+    _layer_norm_bwd[(programs,)](dy2, dh2, x2, weight, rstd if rms else mean, rstd, dx, dw_partial, db_partial,
                                  dy2.stride(0), dh2.stride(0), x2.stride(0), dx.stride(0), M, N, rows_per_program,
-                                 HAS_DH=dh is not None, HAS_BIAS=has_bias, **config)
+                                 HAS_DH=dh is not None, HAS_BIAS=has_bias, RMS=rms, **config)
     _sum_partials[(triton.cdiv(N, SUM_PARTIALS_CONFIG["BLOCK_N"]), 2 if has_bias else 1)](
         dw_partial, db_partial, dw, db, programs, N, **SUM_PARTIALS_CONFIG)
     if not has_bias:
@@ -250,15 +268,16 @@ def _layer_norm_bwd_op(dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tenso
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, dh, x, weight, mean, rstd, has_bias):
+def _(dy, dh, x, weight, mean, rstd, has_bias, rms=False):
     return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, out_dtype = inputs
+    x, residual, weight, bias, eps, out_dtype, rms = inputs
     _, h, mean, rstd = output
     ctx.save_for_backward(x if residual is None else h, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    ctx.rms = rms
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
 
@@ -267,11 +286,11 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
     normalized_input, weight, mean, rstd = ctx.saved_tensors
     has_residual = ctx.residual_dtype is not None
     dh = dh if has_residual else None
-    dsum, dw, db = _layer_norm_bwd_op(dy, dh, normalized_input, weight, mean, rstd, ctx.has_bias)
+    dsum, dw, db = _layer_norm_bwd_op(dy, dh, normalized_input, weight, mean, rstd, ctx.has_bias, ctx.rms)
     # h = x + residual: both receive dh's total; each in its own dtype (under autocast the stream is fp32 while
     # the residual branch's output is half)
     dresidual = dsum.to(ctx.residual_dtype) if has_residual else None
-    return dsum.to(ctx.x_dtype), dresidual, dw, (db if ctx.has_bias else None), None, None
+    return dsum.to(ctx.x_dtype), dresidual, dw, (db if ctx.has_bias else None), None, None, None
 
 
 _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -328,6 +347,25 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     return h, y
 
 
+def _rms_eps(x, eps):
+    return float(torch.finfo(x.dtype).eps if eps is None else eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension of x, like F.rms_norm(x, (N,), weight, eps): x / sqrt(mean(x^2) + eps) *
+    weight, eps None meaning torch.finfo(x.dtype).eps as there. Dtypes, shapes and autocast as layer_norm's."""
+    _check("rms_norm", x, weight, None)
+    return _layer_norm_fwd_op(x, None, weight, None, _rms_eps(x, eps), _output_dtype(x), True)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, RMSNorm(h)) with h = x + residual, in one pass, as add_layer_norm."""
+    _check("add_rms_norm", x, weight, None, residual)
+    y, h, _, _ = _layer_norm_fwd_op(x, residual, weight, None, _rms_eps(x, eps), _output_dtype(x), True)
+    return h, y
+
+
 # ------------------------------------------------------------------------------------------------
 # what `python -m kernels.inspect` compiles: each kernel at GPT-2's shapes (16384 rows of 768 = B 16 x T 1024; the
 # 1.5B model's 1600; 3072) in the dtypes the model hands it, with the launch parameters the launcher computes
@@ -341,6 +379,11 @@ INSPECT_DTYPES = [(torch.float32, torch.bfloat16, torch.bfloat16, torch.float32)
 INSPECT_WIDTHS = (768, 1600, 3072)
 
 
+# RMSNorm (the RMS constexpr, no bias) at the model's two training dtypes (autocast bf16, plain bf16) and the
+# narrowest and widest widths: its code is LayerNorm's minus the centring, the other combinations add rows, not code
+INSPECT_RMS = [(dtypes, N) for dtypes in INSPECT_DTYPES[::2] for N in (768, 3072)]
+
+
 def inspect_cases(rows=16384, sms=132):
     cases = []
     for stream, branch, out, param in INSPECT_DTYPES:
@@ -348,21 +391,23 @@ def inspect_cases(rows=16384, sms=132):
             problem = {"dtype": DTYPE_NAMES[out], "stream": DTYPE_NAMES[stream], "width": N}
             narrowest = min(torch.empty((), dtype=t).element_size() for t in (stream, out))
             fwd = launch_config(N, narrowest, interpreter=False)
-            for residual in (True, False):
-                cases.append(launch_case("layer_norm_fwd" + ("_add" if residual else ""), _layer_norm_fwd, fwd,
-                                         problem, dict(X=stream, Residual=branch, H=stream, Y=out, W=param, B=param,
-                                                       Mean=torch.float32, Rstd=torch.float32, stride_x=N, stride_r=N,
-                                                       stride_h=N, stride_y=N, M=rows, N=N, eps=1e-5,
-                                                       HAS_RESIDUAL=residual, HAS_BIAS=True)))
             bwd = launch_config(N, narrowest, interpreter=False, backward=True)
             programs, rows_per_program = _bwd_programs(rows, bwd["BLOCK_M"], sms * BWD_PROGRAMS_PER_SM)
-            for dh in (True, False):
-                cases.append(launch_case("layer_norm_bwd" + ("_add" if dh else ""), _layer_norm_bwd, bwd, problem,
-                                         dict(DY=out, DH=stream, X=stream, W=param, Mean=torch.float32,
-                                              Rstd=torch.float32, DX=stream, DW_partial=torch.float32,
-                                              DB_partial=torch.float32, stride_dy=N, stride_dh=N, stride_x=N,
-                                              stride_dx=N, M=rows, N=N, rows_per_program=rows_per_program,
-                                              HAS_DH=dh, HAS_BIAS=True)))
+            for rms in (False, True) if ((stream, branch, out, param), N) in INSPECT_RMS else (False,):
+                name = "rms_norm" if rms else "layer_norm"
+                for residual in (True, False):
+                    cases.append(launch_case(
+                        f"{name}_fwd" + ("_add" if residual else ""), _layer_norm_fwd, fwd, problem,
+                        dict(X=stream, Residual=branch, H=stream, Y=out, W=param, B=param, Mean=torch.float32,
+                             Rstd=torch.float32, stride_x=N, stride_r=N, stride_h=N, stride_y=N, M=rows, N=N,
+                             eps=1e-5, HAS_RESIDUAL=residual, HAS_BIAS=not rms, RMS=rms)))
+                for dh in (True, False):
+                    cases.append(launch_case(
+                        f"{name}_bwd" + ("_add" if dh else ""), _layer_norm_bwd, bwd, problem,
+                        dict(DY=out, DH=stream, X=stream, W=param, Mean=torch.float32, Rstd=torch.float32, DX=stream,
+                             DW_partial=torch.float32, DB_partial=torch.float32, stride_dy=N, stride_dh=N, stride_x=N,
+                             stride_dx=N, M=rows, N=N, rows_per_program=rows_per_program, HAS_DH=dh,
+                             HAS_BIAS=not rms, RMS=rms)))
             if stream == out == torch.float32:  # the reduction sees fp32 partials whatever the activations
                 cases.append(launch_case("layer_norm_sum_partials", _sum_partials, SUM_PARTIALS_CONFIG,
                                          {"dtype": "fp32", "width": N, "programs": programs},

@@ -16,6 +16,10 @@ Every backend implements the same functions, and may add a fused one:
     add_layer_norm(x, residual, weight, bias, eps) -> (h, y)
                                            h = x + residual (the residual stream's update), y = layer_norm(h);
                                            left out (None), it is that composition of the backend's layer_norm
+    rms_norm(x, weight, eps) -> y          RMSNorm of the last dimension, x / sqrt(mean(x^2) + eps) * weight
+                                           (GPTConfig.norm="rms"); left out (None), the backend cannot run it
+    add_rms_norm(x, residual, weight, eps) -> (h, y)
+                                           as add_layer_norm; left out, the composition of the backend's rms_norm
     decode_attention(q, k, v, lengths, softcap=None, window=None) -> y
                                            q: (B, H, Tq, D) new queries; k, v: the KV cache (B, H_kv, Tmax, D);
                                            lengths: (B,) int32 valid positions per row, the new ones included;
@@ -50,6 +54,8 @@ class Backend:
     layer_norm: Callable
     gelu: Callable
     add_layer_norm: Callable | None = None
+    rms_norm: Callable | None = None  # None: the backend cannot run GPTConfig.norm="rms"
+    add_rms_norm: Callable | None = None
     decode_attention: Callable | None = None  # None: the backend cannot decode from a KV cache
     loss_head: Callable | None = None  # None: no fused head, the model builds the logits (linear_loss_head)
     runs_triton: bool = False  # Triton programs: a CUDA GPU, or Triton's interpreter on a CPU (slow, for testing)
@@ -57,7 +63,9 @@ class Backend:
 
     def __post_init__(self):
         if self.add_layer_norm is None:  # frozen: set once here, to the unfused composition
-            object.__setattr__(self, "add_layer_norm", _unfused_add_layer_norm(self.layer_norm))
+            object.__setattr__(self, "add_layer_norm", _unfused_add_norm(self.layer_norm))
+        if self.add_rms_norm is None and self.rms_norm is not None:
+            object.__setattr__(self, "add_rms_norm", _unfused_add_norm(self.rms_norm))
 
     def check_device(self, device) -> None:
         """Raise the one-line ConfigError (the problem and the fix) unless this backend can run on `device`."""
@@ -76,12 +84,12 @@ class Backend:
                           f"TRITON_INTERPRET=1), not {device_type}: use --attn=sdpa")
 
 
-def _unfused_add_layer_norm(layer_norm: Callable) -> Callable:
-    """add_layer_norm as two steps: the residual add, then the backend's own layer_norm (naive, sdpa)."""
-    def add_layer_norm(x, residual, weight, bias=None, eps=1e-5):
+def _unfused_add_norm(norm: Callable) -> Callable:
+    """add_layer_norm / add_rms_norm as two steps: the residual add, then the backend's own norm (naive, sdpa)."""
+    def add_norm(x, residual, *args):
         h = x + residual
-        return h, layer_norm(h, weight, bias, eps)
-    return add_layer_norm
+        return h, norm(h, *args)
+    return add_norm
 
 
 # name -> a zero-argument factory, so a backend's imports (triton) happen only when it is used
@@ -183,6 +191,10 @@ def naive_layer_norm(x, weight, bias=None, eps=1e-5):
     return y + bias if bias is not None else y
 
 
+def naive_rms_norm(x, weight, eps=1e-5):
+    return x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
+
+
 def naive_gelu(x, bias=None, approximate="none"):
     if bias is not None:
         x = x + bias
@@ -226,6 +238,10 @@ def sdpa_layer_norm(x, weight, bias=None, eps=1e-5):
     return F.layer_norm(x, (x.size(-1),), weight, bias, eps)
 
 
+def sdpa_rms_norm(x, weight, eps=1e-5):
+    return F.rms_norm(x, (x.size(-1),), weight, eps)
+
+
 def sdpa_gelu(x, bias=None, approximate="none"):
     return F.gelu(x + bias if bias is not None else x, approximate=approximate)
 
@@ -244,19 +260,21 @@ def _triton_backend() -> Backend:
 
     return Backend(
         "triton", attention, kernels.layer_norm, kernels.gelu, add_layer_norm=kernels.add_layer_norm,
-        decode_attention=decode_attention, loss_head=loss_head, runs_triton=True,
+        rms_norm=kernels.rms_norm, add_rms_norm=kernels.add_rms_norm, decode_attention=decode_attention, loss_head=loss_head, runs_triton=True,
         description="handwritten Triton kernels: fused causal attention (FlashAttention-2), residual add + "
-                    "LayerNorm, bias+GELU, split-K decode attention, linear + cross-entropy without the logits",
+                    "LayerNorm / RMSNorm, bias+GELU, split-K decode attention, linear + cross-entropy without the logits",
     )
 
 
 REFERENCE = "naive"  # the backend every other one is checked against (tests/, bench/)
 
-# naive and sdpa leave add_layer_norm out (`x + residual`, then their layer_norm) and have no fused loss head
+# naive and sdpa leave add_layer_norm and add_rms_norm out (`x + residual`, then their layer_norm) and have no fused loss head
 register_backend("naive", lambda: Backend(
-    "naive", naive_attention, naive_layer_norm, naive_gelu, decode_attention=naive_decode_attention,
+    "naive", naive_attention, naive_layer_norm, naive_gelu, rms_norm=naive_rms_norm,
+    decode_attention=naive_decode_attention,
     description="explicit tensor math: the reference"))
 register_backend("sdpa", lambda: Backend(
-    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, decode_attention=sdpa_decode_attention,
-    description="F.scaled_dot_product_attention, F.layer_norm, F.gelu, F.linear + F.cross_entropy"))
+    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, rms_norm=sdpa_rms_norm,
+    decode_attention=sdpa_decode_attention,
+    description="F.scaled_dot_product_attention, F.layer_norm, F.rms_norm, F.gelu, F.linear + F.cross_entropy"))
 register_backend("triton", _triton_backend)

@@ -39,6 +39,7 @@ class GPTConfig:
     attn_window: int = 0  # sliding window: a query sees itself and the attn_window - 1 keys before it; 0: all
     attn_softcap: float = 0.0  # attention scores capped as softcap * tanh(s / softcap) (Gemma 2); 0: off
     logit_softcap: float = 0.0  # the final logits capped the same way (Gemma 2, modded-nanogpt); 0: off
+    norm: str = "layer"  # "layer": LayerNorm (GPT-2); "rms": RMSNorm, a gain and no bias (Llama, nanochat)
 
     def __post_init__(self):
         # the model's own checks, in one place: the training and sampling configs build a GPTConfig to run them
@@ -51,6 +52,8 @@ class GPTConfig:
         if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
             raise ConfigError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (or be 0: one kv head "
                               f"per head)")
+        if self.norm not in ("layer", "rms"):
+            raise ConfigError(f"norm={self.norm!r}: choose 'layer' (LayerNorm, GPT-2) or 'rms' (RMSNorm)")
         if self.attn_window < 0:
             raise ConfigError(f"attn_window={self.attn_window} must be >= 0 (0: no sliding window)")
         for key in ("attn_softcap", "logit_softcap"):
@@ -147,6 +150,30 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(x))
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm: x / sqrt(mean(x^2) + eps) * weight, no centring and no bias (GPTConfig.norm="rms")."""
+
+    def __init__(self, ndim, backend):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.backend = backend
+
+    def forward(self, x):
+        return self.backend.rms_norm(x, self.weight, 1e-5)
+
+    def add_and_norm(self, x, residual):
+        return self.backend.add_rms_norm(x, residual, self.weight, 1e-5)
+
+
+def norm_layer(config, backend):
+    """The model's normalization layer for config.norm, on the backend's kernels."""
+    if config.norm == "rms":
+        if backend.rms_norm is None:
+            raise ConfigError(f"attn={config.attn} has no RMSNorm: use norm='layer' or another backend")
+        return RMSNorm(config.n_embd, backend)
+    return LayerNorm(config.n_embd, config.bias, backend)
+
+
 class Block(nn.Module):
     """A pre-LN transformer block: x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)).
 
@@ -157,9 +184,9 @@ class Block(nn.Module):
 
     def __init__(self, config, backend):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, backend)
+        self.ln_1 = norm_layer(config, backend)
         self.attn = CausalSelfAttention(config, backend)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, backend)
+        self.ln_2 = norm_layer(config, backend)
         self.mlp = MLP(config, backend)
 
     def forward(self, x, pending=None, kv=None, lengths=None):
@@ -183,7 +210,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, backend) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, backend),
+            ln_f=norm_layer(config, backend),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # training's lm_head + cross-entropy: the backend's fused head (no logits) if it has one and it is wanted

@@ -21,6 +21,8 @@ OPCHECK_CASES = [
     # the autocast case: a float32 stream plus a half branch output, normalized into half
     ("add_layer_norm_mixed", _layer_norm_fwd_op, lambda: (r(4, 100), r(4, 100, dtype=torch.float16), r(100), None,
                                                           1e-5, torch.float16)),
+    ("rms_norm", _layer_norm_fwd_op, lambda: (r(3, 5, 64), None, r(64), None, 1e-6, None, True)),
+    ("add_rms_norm", _layer_norm_fwd_op, lambda: (r(4, 100), r(4, 100), r(100), None, 1e-6, None, True)),
     ("gelu", _gelu_fwd_op, lambda: (r(4, 96), r(96), "none")),
     ("gelu_tanh", _gelu_fwd_op, lambda: (r(2, 3, 32), None, "tanh")),
     # (q, k, v, causal, dropout_p, scale, softcap (0: none), window left, right (-1: unbounded))

@@ -1,4 +1,4 @@
-"""kernels.layer_norm against a float64 reference (relative L2 error, per-dtype tolerance)."""
+"""kernels.layer_norm and kernels.rms_norm against float64 references (relative L2 error, per-dtype tolerance)."""
 import functools
 import importlib
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE
-from kernels import add_layer_norm, layer_norm
+from kernels import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from kernels.testing import relative_error, tolerance
 
 layer_norm_module = importlib.import_module("kernels.layer_norm")  # the module: `kernels.layer_norm` is the function
@@ -174,6 +174,51 @@ def test_bad_input_errors():
         layer_norm(torch.tensor(1.0), w, b)
     with pytest.raises(ValueError, match=r"add_layer_norm: residual has shape \(2, 7\), expected x's shape \(2, 8\)"):
         add_layer_norm(x, x[:, :7], w, b)
+
+
+def rms_reference(x, w, eps):
+    return F.rms_norm(x.double(), (x.shape[-1],), w.double(), eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 768), (3, 7, 100), (2, 3, 1000), (1, 8192)], ids=str)
+def test_rms_norm_forward_and_gradients(shape, dtype, tiles):
+    """RMSNorm against F.rms_norm in float64, eps defaulting to finfo(dtype).eps as there; a large mean is kept
+    (RMSNorm does not centre: the test would catch a mean subtracted by mistake)."""
+    x, w, _ = make(shape, dtype, False, mean=1.5)
+    y = rms_norm(x, w)
+    assert y.dtype == dtype and y.shape == x.shape
+    y_ref = rms_reference(x, w, torch.finfo(dtype).eps)
+    assert relative_error(y, y_ref) <= tolerance(dtype)
+    dy = torch.randn_like(y)
+    for name, g, g_ref in zip(["dx", "dweight"], torch.autograd.grad(y, (x, w), dy),
+                              torch.autograd.grad(y_ref, (x, w), dy.double())):
+        assert g.dtype == dtype
+        assert relative_error(g, g_ref) <= tolerance(dtype, reduction=True), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_add_rms_norm_both_outputs_and_gradients(dtype, tiles):
+    x, w, _ = make((37, 300), dtype, False)
+    residual = torch.randn(x.shape, dtype=torch.float64).to(dtype).to(DEVICE).requires_grad_()
+    h, y = add_rms_norm(x, residual, w, eps=1e-6)
+    h_ref = x.double() + residual.double()
+    h_stored = h_ref + (h_ref.to(dtype).double() - h_ref).detach()
+    y_ref = rms_reference(h_stored, w, 1e-6)
+    assert relative_error(h, h_ref) <= tolerance(dtype) and relative_error(y, y_ref) <= tolerance(dtype)
+    dy, dh = torch.randn_like(y), torch.randn_like(h)
+    grads = torch.autograd.grad((y, h), (x, residual, w), (dy, dh))
+    grads_ref = torch.autograd.grad((y_ref, h_ref), (x, residual, w), (dy.double(), dh.double()))
+    for name, g, g_ref in zip(["dx", "dresidual", "dweight"], grads, grads_ref):
+        assert relative_error(g, g_ref) <= tolerance(dtype, reduction=True), name
+
+
+def test_rms_norm_bad_input_errors():
+    x, w, _ = make((2, 8), torch.float32, False)
+    with pytest.raises(ValueError, match=r"rms_norm: weight has shape \(7,\), expected \(8,\)"):
+        rms_norm(x, w[:7])
+    with pytest.raises(ValueError, match=r"add_rms_norm: residual has shape \(2, 7\), expected x's shape"):
+        add_rms_norm(x, x[:, :7], w)
 
 
 def test_cpu_without_interpreter_says_how_to_run(monkeypatch):

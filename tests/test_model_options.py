@@ -21,7 +21,8 @@ OPTIONS = {
     "window": dict(attn_window=5),
     "attn_softcap": dict(attn_softcap=2.0),
     "logit_softcap": dict(logit_softcap=3.0),
-    "all": dict(n_kv_head=2, attn_window=7, attn_softcap=5.0, logit_softcap=10.0),
+    "rms": dict(norm="rms"),
+    "all": dict(n_kv_head=2, attn_window=7, attn_softcap=5.0, logit_softcap=10.0, norm="rms"),
 }
 
 
@@ -67,7 +68,7 @@ def test_each_option_changes_the_model(name, attn):
     torch.manual_seed(0)
     plain = GPT(GPTConfig(**TINY, attn=attn))
     model = GPT(GPTConfig(**TINY, attn=attn, **CHANGING[name]))
-    state = plain.state_dict()
+    state = {k: v for k, v in plain.state_dict().items() if k in model.state_dict()}  # RMSNorm: no bias
     for key, value in model.state_dict().items():  # GQA: the plain model's first kv heads
         if value.shape != state[key].shape:
             q, kv = 64, (value.shape[0] - 64) // 2
@@ -122,6 +123,7 @@ def test_decode_with_options_matches_the_full_forward(attn):
     (dict(attn_window=-2), "attn_window=-2 must be >= 0"),
     (dict(attn_softcap=-1.0), "attn_softcap=-1.0 must be >= 0"),
     (dict(logit_softcap=-3.0), "logit_softcap=-3.0 must be >= 0"),
+    (dict(norm="batch"), "norm='batch': choose 'layer'"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(ConfigError, match=message):
