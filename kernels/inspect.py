@@ -61,7 +61,7 @@ from kernels.cost_model import class_summary, loop_costs
 
 # the kernel modules, each with an inspect_cases(): a new module joins here
 MODULES = ["kernels.attention", "kernels.decode_attention", "kernels.layer_norm", "kernels.gelu",
-           "kernels.linear_cross_entropy"]
+           "kernels.linear_cross_entropy", "kernels.rotary"]
 
 # per architecture: compute capability, registers per SM, registers per thread (max), shared memory per SM and
 # per CTA (bytes), threads per SM, CTAs per SM (the CUDA occupancy tables; 1 KB per CTA is reserved by the system)

@@ -20,6 +20,9 @@ Every backend implements the same functions, and may add a fused one:
                                            (GPTConfig.norm="rms"); left out (None), the backend cannot run it
     add_rms_norm(x, residual, weight, eps) -> (h, y)
                                            as add_layer_norm; left out, the composition of the backend's rms_norm
+    rotary(x, positions, base) -> y       RoPE of x (B, H, T, D) by integer positions (T,) or (B, T): the halves
+                                           x[..., :D/2], x[..., D/2:] rotated as pairs by position * base^(-2i/D)
+                                           (GPTConfig.rope); left out (None), the backend cannot run it
     decode_attention(q, k, v, lengths, softcap=None, window=None) -> y
                                            q: (B, H, Tq, D) new queries; k, v: the KV cache (B, H_kv, Tmax, D);
                                            lengths: (B,) int32 valid positions per row, the new ones included;
@@ -56,6 +59,7 @@ class Backend:
     add_layer_norm: Callable | None = None
     rms_norm: Callable | None = None  # None: the backend cannot run GPTConfig.norm="rms"
     add_rms_norm: Callable | None = None
+    rotary: Callable | None = None  # None: the backend cannot run GPTConfig.rope
     decode_attention: Callable | None = None  # None: the backend cannot decode from a KV cache
     loss_head: Callable | None = None  # None: no fused head, the model builds the logits (linear_loss_head)
     runs_triton: bool = False  # Triton programs: a CUDA GPU, or Triton's interpreter on a CPU (slow, for testing)
@@ -195,6 +199,18 @@ def naive_rms_norm(x, weight, eps=1e-5):
     return x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
 
 
+def naive_rotary(x, positions, base=10000.0):
+    """RoPE in fp32 from the definition (naive and sdpa: PyTorch has no F.* function for it)."""
+    half = x.size(-1) // 2
+    inv_freq = base ** (-2.0 * torch.arange(half, dtype=torch.float32, device=x.device) / x.size(-1))
+    angle = positions.float()[..., None] * inv_freq  # (T, half) or (B, T, half)
+    if angle.dim() == 3:
+        angle = angle[:, None]  # (B, 1, T, half): one row's positions for all its heads
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
 def naive_gelu(x, bias=None, approximate="none"):
     if bias is not None:
         x = x + bias
@@ -260,9 +276,10 @@ def _triton_backend() -> Backend:
 
     return Backend(
         "triton", attention, kernels.layer_norm, kernels.gelu, add_layer_norm=kernels.add_layer_norm,
-        rms_norm=kernels.rms_norm, add_rms_norm=kernels.add_rms_norm, decode_attention=decode_attention, loss_head=loss_head, runs_triton=True,
+        rms_norm=kernels.rms_norm, add_rms_norm=kernels.add_rms_norm, rotary=kernels.rotary,
+        decode_attention=decode_attention, loss_head=loss_head, runs_triton=True,
         description="handwritten Triton kernels: fused causal attention (FlashAttention-2), residual add + "
-                    "LayerNorm / RMSNorm, bias+GELU, split-K decode attention, linear + cross-entropy without the logits",
+                    "LayerNorm / RMSNorm, bias+GELU, RoPE, split-K decode attention, linear + cross-entropy without the logits",
     )
 
 
@@ -270,11 +287,11 @@ REFERENCE = "naive"  # the backend every other one is checked against (tests/, b
 
 # naive and sdpa leave add_layer_norm and add_rms_norm out (`x + residual`, then their layer_norm) and have no fused loss head
 register_backend("naive", lambda: Backend(
-    "naive", naive_attention, naive_layer_norm, naive_gelu, rms_norm=naive_rms_norm,
+    "naive", naive_attention, naive_layer_norm, naive_gelu, rms_norm=naive_rms_norm, rotary=naive_rotary,
     decode_attention=naive_decode_attention,
     description="explicit tensor math: the reference"))
 register_backend("sdpa", lambda: Backend(
-    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, rms_norm=sdpa_rms_norm,
+    "sdpa", sdpa_attention, sdpa_layer_norm, sdpa_gelu, rms_norm=sdpa_rms_norm, rotary=naive_rotary,
     decode_attention=sdpa_decode_attention,
     description="F.scaled_dot_product_attention, F.layer_norm, F.rms_norm, F.gelu, F.linear + F.cross_entropy"))
 register_backend("triton", _triton_backend)

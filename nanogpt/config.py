@@ -70,6 +70,7 @@ class TrainConfig:
     attn_softcap: float = option(0.0, "cap attention scores as c * tanh(s / c) (Gemma 2: 50); 0: off")
     logit_softcap: float = option(0.0, "cap the final logits the same way (Gemma 2: 30, modded-nanogpt: 15); 0: off")
     norm: str = option("layer", "normalization: layer (LayerNorm, GPT-2) or rms (RMSNorm: a gain, no bias)")
+    rope: bool = option(False, "rotary position embedding of q and k (base 10000) instead of learned positions")
     # AdamW
     learning_rate: float = option(6e-4, "peak learning rate")
     max_iters: int = option(600000, "total optimizer steps")

@@ -40,6 +40,7 @@ class GPTConfig:
     attn_softcap: float = 0.0  # attention scores capped as softcap * tanh(s / softcap) (Gemma 2); 0: off
     logit_softcap: float = 0.0  # the final logits capped the same way (Gemma 2, modded-nanogpt); 0: off
     norm: str = "layer"  # "layer": LayerNorm (GPT-2); "rms": RMSNorm, a gain and no bias (Llama, nanochat)
+    rope: bool = False  # rotary positions on q and k (base ROPE_BASE) instead of learned position embeddings
 
     def __post_init__(self):
         # the model's own checks, in one place: the training and sampling configs build a GPTConfig to run them
@@ -96,6 +97,9 @@ class LayerNorm(nn.Module):
         return self.backend.add_layer_norm(x, residual, self.weight, self.bias, 1e-5)
 
 
+ROPE_BASE = 10000.0  # Llama's and GPT-NeoX's
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, backend):
@@ -111,6 +115,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.backend = backend
         self.options = config.attention_options()
+        self.rope = config.rope
+        if self.rope and backend.rotary is None:
+            raise ConfigError(f"attn={config.attn} has no rotary embedding: use rope=False or another backend")
 
     def forward(self, x, kv=None, lengths=None):
         """Without kv: training and uncached inference. With kv (this layer's LayerKV) and no lengths: prefill,
@@ -122,6 +129,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.rope:  # the cache keeps rotated keys: a key's rotation depends only on its own position
+            positions = query_positions(lengths, T) if lengths is not None else torch.arange(T, device=x.device)
+            q = self.backend.rotary(q, positions, ROPE_BASE)
+            k = self.backend.rotary(k, positions, ROPE_BASE)
         if kv is not None and lengths is not None:
             # decode: the new keys go into the static cache, the new queries attend to all the row's keys
             kv.write(k, v, lengths)
@@ -207,7 +218,7 @@ class GPT(nn.Module):
         self.backend = backend = get_backend(config.attn)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if config.rope else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, backend) for _ in range(config.n_layer)]),
             ln_f=norm_layer(config, backend),
@@ -230,7 +241,7 @@ class GPT(nn.Module):
         """Parameter count. The position embeddings are subtracted by default; the token embeddings
         stay, since they are tied to (and used as) the LM head's weights."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -252,7 +263,10 @@ class GPT(nn.Module):
                                  f"{self.config.block_size} (crop the context to the last {self.config.block_size} "
                                  f"tokens)")
             pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:  # with rope the positions enter through q and k instead
+            x = x + self.transformer.wpe(pos)
+        return self.transformer.drop(x)
 
     def _blocks(self, x, kv_layers=None, lengths=None):
         """The blocks, then ln_f. A block's MLP output stays pending until the next LayerNorm adds it to the residual
@@ -335,7 +349,8 @@ class GPT(nn.Module):
             raise ValueError(f"block_size={block_size} is larger than the model's {self.config.block_size}: "
                              f"a model can only be cropped to a smaller context")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):

@@ -22,7 +22,8 @@ OPTIONS = {
     "attn_softcap": dict(attn_softcap=2.0),
     "logit_softcap": dict(logit_softcap=3.0),
     "rms": dict(norm="rms"),
-    "all": dict(n_kv_head=2, attn_window=7, attn_softcap=5.0, logit_softcap=10.0, norm="rms"),
+    "rope": dict(rope=True),
+    "all": dict(n_kv_head=2, attn_window=7, attn_softcap=5.0, logit_softcap=10.0, norm="rms", rope=True),
 }
 
 
@@ -34,6 +35,9 @@ def test_off_by_default_keeps_gpt2():
     assert model.transformer.h[0].attn.c_attn.weight.shape == (3 * 64, 64)
     gqa = GPT(GPTConfig(**TINY, n_kv_head=2))
     assert gqa.transformer.h[0].attn.c_attn.weight.shape == (64 + 2 * 2 * 16, 64)
+    assert "wpe" in model.transformer and "wpe" not in GPT(GPTConfig(**TINY, rope=True)).transformer
+    assert model.transformer.ln_f.bias is not None and not hasattr(GPT(GPTConfig(**TINY, norm="rms")).transformer.ln_f,
+                                                                    "bias")
 
 
 @pytest.mark.parametrize("other", OTHERS)
