@@ -780,8 +780,8 @@ def _pytest(rec, args, key_prefix):
 # to the inspect step, which compiles the same configs for the device's own architecture
 GPU_FIRST_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_layer_norm.py", "tests/test_kernels_gelu.py",
                    "tests/test_kernels_linear_cross_entropy.py", "tests/test_kernels_decode_attention.py",
-                   "tests/test_kernels_compile.py", "tests/test_kernel_configs.py", "tests/test_model.py",
-                   "tests/test_generate.py"]
+                   "tests/test_kernels_rotary.py", "tests/test_kernels_compile.py", "tests/test_kernel_configs.py",
+                   "tests/test_model.py", "tests/test_model_options.py", "tests/test_generate.py"]
 
 
 def step_tests(rec):

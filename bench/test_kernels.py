@@ -199,3 +199,93 @@ def test_layer_norm(benchmark, record, shape, backend, dtype, passes):
 @pytest.mark.parametrize("shape", ROW_SHAPES["gelu"], ids=lambda s: "x".join(map(str, s)))
 def test_gelu(benchmark, record, shape, backend, dtype, passes):
     _rowwise_case(benchmark, record, "gelu", GELU_BACKENDS, shape, backend, dtype, passes)
+
+
+# ------------------------------------------------------------------------------------------------ attention options
+# Issue 21's options at GPT-2 124M's shape: GQA (4 query heads per kv head) and a causal sliding window. Rows: every
+# registry backend with the option (sdpa: enable_gqa, or the window as an explicit boolean mask: what a user of
+# F.scaled_dot_product_attention writes), and FlexAttention with the same block mask (GQA through enable_gqa), where
+# the installed torch has it. FLOPs count the visible (query, key) pairs only, so a window's skipped tiles show as
+# time saved, not as lower TFLOP/s.
+
+OPTIONS_SHAPE = (16, 12, 1024, 64) if ON_GPU else (2, 4, 128, 64)
+OPTIONS_CASES = {"gqa4": dict(group=4, window=None),
+                 f"window{256 if ON_GPU else 32}": dict(group=1, window=256 if ON_GPU else 32)}
+
+
+def _flex_with(group, window):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+    masks = {}
+
+    def visible(b, h, q_idx, kv_idx):
+        ok = q_idx >= kv_idx
+        return ok & (q_idx - kv_idx < window) if window else ok
+
+    def attention(q, k, v, dropout_p=0.0, softcap=None, window=None):
+        T = q.shape[-2]
+        if T not in masks:
+            masks[T] = create_block_mask(visible, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+        return compiled(q, k, v, block_mask=masks[T], enable_gqa=group > 1)
+    return attention
+
+
+def _options_backends():
+    table = {name: (lambda name=name: get_backend(name).attention) for name in available_backends()}
+    if ON_GPU and _has_flex_attention():
+        table["flex_attention"] = "flex"
+    return table
+
+
+OPTIONS_BACKENDS = _options_backends()
+
+
+def visible_pairs(T, window=None):
+    """(query, key) pairs a causal query block sees, with a sliding window of `window` keys (itself included)."""
+    if not window:
+        return T * (T + 1) // 2
+    return sum(min(i + 1, window) for i in range(T))
+
+
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", list(OPTIONS_BACKENDS))
+@pytest.mark.parametrize("option", list(OPTIONS_CASES))
+def test_attention_options(benchmark, record, option, backend, dtype, passes):
+    if interpreted(backend) and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter cannot run tl.dot on bfloat16 (triton issue #11584): checked on a GPU")
+    B, H, T, D = OPTIONS_SHAPE
+    group, window = OPTIONS_CASES[option]["group"], OPTIONS_CASES[option]["window"]
+    kv_shape = (B, H // group, T, D)
+    options = dict(window=(window - 1, 0) if window else None)
+    benchmark.group = f"attention {option} {passes} {'x'.join(map(str, OPTIONS_SHAPE))} {str(dtype)[6:]}"
+    entry = OPTIONS_BACKENDS[backend]
+    attention = _flex_with(group, window) if entry == "flex" else entry()
+
+    def fn(q, k, v):
+        return attention(q, k, v, 0.0, **options)
+
+    def make_inputs(seed):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        qkv = [torch.randn(s, device=DEVICE, dtype=dtype, generator=g).requires_grad_()
+               for s in (OPTIONS_SHAPE, kv_shape, kv_shape)]
+        return qkv, torch.randn(OPTIONS_SHAPE, device=DEVICE, dtype=dtype, generator=g)
+
+    def reference(inputs, grad_out):
+        outs = []
+        for b in range(B):
+            xs = [t[b:b + 1].detach().float().requires_grad_() for t in inputs]
+            outs.append(fwd_bwd(lambda q, k, v: naive_attention(q, k, v, **options), xs,
+                                None if grad_out is None else grad_out[b:b + 1].float()))
+        return [torch.cat(parts) for parts in zip(*outs)]
+
+    fwd_flops = 4 * B * H * visible_pairs(T, window) * D
+    flops = fwd_flops * (1 if passes == "fwd" else 3.5)
+
+    def figure(seconds):
+        tflops = flops / seconds / 1e12
+        return {"median_s": seconds, "tflops": tflops, "shape": list(OPTIONS_SHAPE), "kv_heads": H // group,
+                "window": window, "flops": flops,
+                "roofline_fraction": _fraction(tflops * 1e12, "roofline_matmul_flops", benchmark)}
+
+    case(benchmark, record, "attention", backend, fn, make_inputs, reference, dtype, passes, figure)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench.common import (
     DEVICE,
@@ -46,7 +47,7 @@ from bench.common import (
     reset_peak_memory,
     sync,
 )
-from nanogpt.backends import available_backends, get_backend, linear_loss_head
+from nanogpt.backends import available_backends, capped, get_backend, linear_loss_head
 from nanogpt.model import GPT, GPTConfig
 
 VOCAB = 50304  # GPT-2's 50257, padded to a multiple of 64
@@ -104,8 +105,12 @@ def test_loss_head(benchmark, record, backend, dtype):
     benchmark.group = f"loss head fwd+bwd {ROWS}x{WIDTH}x{VOCAB} {str(dtype)[6:]}"
     if interpreted(backend) and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter cannot run tl.dot on bfloat16 (triton issue #11584): checked on a GPU")
-    head = loss_head_of(backend)
+    _loss_head_case(benchmark, record, backend, loss_head_of(backend), linear_loss_head, dtype)
 
+
+def _loss_head_case(benchmark, record, name, head, reference_head, dtype, kind_extra=None):
+    """Check `head` against `reference_head` in fp32 on the same (rounded) inputs, measure its peak memory, and
+    time it unless its Triton is interpreted: the row `name`."""
     def make_inputs(seed):
         g = torch.Generator(device=DEVICE).manual_seed(seed)
         x = torch.randn(ROWS, WIDTH, device=DEVICE, generator=g).to(dtype).requires_grad_()
@@ -121,18 +126,19 @@ def test_loss_head(benchmark, record, backend, dtype):
     def fwd_bwd(x, w, targets):
         return run(head, x, w, targets)
 
-    # correctness gate: loss, dx, dW against naive's head in fp32 on the same (rounded) inputs; dW sums over rows
+    # correctness gate: loss, dx, dW against the reference in fp32 on the same (rounded) inputs; dW sums over rows
     inputs = make_inputs(0)
-    expected = run(linear_loss_head, *[t.detach().float().requires_grad_() if t.is_floating_point() else t
-                                       for t in inputs])
-    gate(f"loss head {backend} {dtype}", fwd_bwd(*inputs), expected, dtype, reductions=(2,))
+    expected = run(reference_head, *[t.detach().float().requires_grad_() if t.is_floating_point() else t
+                                     for t in inputs])
+    gate(f"loss head {name} {dtype}", fwd_bwd(*inputs), expected, dtype, reductions=(2,))
     del expected
 
     peak = allocator_peak_bytes(lambda: fwd_bwd(*inputs))
-    timed = not interpreted(backend)
-    record(kind="loss_head", backend=backend, passes="fwd+bwd", dtype=str(dtype)[6:], timed=timed,
+    timed = not interpreted(name)
+    record(kind="loss_head", backend=name, passes="fwd+bwd", dtype=str(dtype)[6:], timed=timed,
            shape=[ROWS, WIDTH, VOCAB], peak_memory_bytes=peak, logits_fp32_bytes=ROWS * VOCAB * 4,
-           peak_memory_method="cuda max_memory_allocated" if ON_GPU else "torch.profiler allocation events")
+           peak_memory_method="cuda max_memory_allocated" if ON_GPU else "torch.profiler allocation events",
+           **(kind_extra or {}))
     if not timed:
         record_untimed(benchmark, "Triton interpreter on CPU: checked and memory measured, not timed")
         return
@@ -140,6 +146,53 @@ def test_loss_head(benchmark, record, backend, dtype):
     if seconds is not None:
         flops = 6 * ROWS * VOCAB * WIDTH  # logits, dx, dW (the fused head recomputes the logits: 8, counted as 6)
         benchmark.extra_info.update({"median_s": seconds, "tflops": flops / seconds / 1e12, "flops": flops})
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss head with issue 21's options on (label smoothing 0.1, PaLM's z-loss 1e-4, Gemma's final-logit softcap
+# 30): the fused kernel (triton's row: kernels.linear_cross_entropy, through the interpreter on a CPU) against the
+# unfused PyTorch a user writes (the logits, capped, F.cross_entropy with label_smoothing, plus z * lse^2 over the
+# counted rows), eager and compiled. Same figures as test_loss_head.
+
+LOSS_OPTIONS = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+
+
+def unfused_loss_with_options(x, w, targets, ignore_index=-1):
+    logits = capped(F.linear(x, w).float(), LOSS_OPTIONS["softcap"])
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=LOSS_OPTIONS["label_smoothing"])
+    counted = targets != ignore_index
+    z = torch.logsumexp(logits[counted], dim=-1).square().mean() if counted.any() else logits.sum() * 0
+    return None, loss + LOSS_OPTIONS["z_loss"] * z
+
+
+def fused_loss_with_options(x, w, targets, ignore_index=-1):
+    import kernels  # the kernel itself: the registry's loss_head takes the model's options only (softcap)
+    return None, kernels.linear_cross_entropy(x, w, targets, ignore_index=ignore_index, **LOSS_OPTIONS)
+
+
+_COMPILED_UNFUSED = []
+
+
+def _compiled_unfused(*args, **kwargs):
+    if not _COMPILED_UNFUSED:
+        _COMPILED_UNFUSED.append(torch.compile(unfused_loss_with_options))
+    return _COMPILED_UNFUSED[0](*args, **kwargs)
+
+
+# "triton" is the registry name of the backend this kernel belongs to, so that the row is checked but not timed
+# where its Triton runs in the interpreter (bench.common.interpreted)
+LOSS_OPTION_HEADS = {"triton": fused_loss_with_options, "unfused": unfused_loss_with_options,
+                     "compile(unfused)": _compiled_unfused}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_name", list(LOSS_OPTION_HEADS))
+def test_loss_head_with_options(benchmark, record, head_name, dtype):
+    benchmark.group = f"loss head smoothing+z-loss+softcap fwd+bwd {ROWS}x{WIDTH}x{VOCAB} {str(dtype)[6:]}"
+    if interpreted(head_name) and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter cannot run tl.dot on bfloat16 (triton issue #11584): checked on a GPU")
+    _loss_head_case(benchmark, record, head_name, LOSS_OPTION_HEADS[head_name], unfused_loss_with_options, dtype,
+                    kind_extra={"options": "label_smoothing=0.1 z_loss=1e-4 softcap=30"})
 
 
 # ------------------------------------------------------------------------------------------------
