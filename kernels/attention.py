@@ -532,10 +532,11 @@ _FWD = [(128, 64, 4, 3, (16, 32, 64), {"dropout": (64,)}),
 # With dropout on sm_90, 64x64/4w at BLOCK_D=64 sits at 255 registers and spills 16 B causal (since the window
 # masks of session 30): not shipped there; 128x64/8w and 64x32/4w are clean.
 # BLOCK_D=256: every candidate spills (dK and dV of 64 rows x 256 columns in fp32 are 256 registers per thread on 4
-# warps). On sm_90 64x32/4w spills ~1.2 KB, with local loads/stores inside the loops, but issues the fewest
-# instructions per tile. 64x16/8w spills 208 B with 1 local access per iteration, but its two warpgroups split the
-# 256 columns and each computes the whole S^T/dP^T tile: 1.5-1.67x the MMA FLOPs. Both are shipped; the autotuner
-# decides on the GPU. On sm_80 only 64x16/8w ships (0 B; 48 B with dropout). bench/results/NOTES.md, session 30.
+# warps). On sm_90 64x32/4w spills 1,032 B (1,112 B with dropout), with local loads/stores inside the loops, but
+# issues the fewest instructions per tile (16,720 warp-instructions per 128x64 tile causal, against 76,992:
+# bench/results/inspect-attention-options-sm_90.md). 64x16/8w spills 80 B (224 B with dropout), but its two
+# warpgroups split the 256 columns and each computes the whole S^T/dP^T tile: 1.5-1.67x the MMA FLOPs. Both are
+# shipped; the autotuner decides on the GPU. On sm_80 only 64x16/8w ships (0 B; 48 B with dropout). bench/results/NOTES.md, session 30.
 _BWD = [(64, 64, 4, 3, (16, 32, 64), {"sm_80": (64,), "sm_90+dropout": (64,)}),
         (128, 64, 8, 3, (16, 32, 64), {"sm_90+no_dropout": (64,), "sm_80+dropout": (64,)}),
         (64, 32, 4, 3, UP_TO_128, {"sm_90+dropout": (128,), "sm_90+no_dropout": (64,)}),
