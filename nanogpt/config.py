@@ -334,6 +334,19 @@ def check_seed(seed):
         raise ConfigError(f"seed={seed} must be in [0, 2**63) (e.g. --seed=1337)")
 
 
+def check_pretrained_options(cfg):
+    """GPT-2's weights are a model without the options of today's GPTs: asking for one with them is an error (they
+    would be dropped silently, or fail to load)."""
+    if cfg.init_from in ("scratch", "resume"):
+        return
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
+    asked = [f"--{k}={getattr(cfg, k)!r}" for k in GPTConfig.OPTIONS
+             if hasattr(cfg, k) and getattr(cfg, k) != defaults[k]]
+    if asked:
+        raise ConfigError(f"init_from={cfg.init_from} loads GPT-2's weights, a model without {' '.join(asked)}: "
+                          f"drop these keys, or train with them from init_from=scratch")
+
+
 def validate_train(cfg: TrainConfig, world_size: int = 1):
     check_out_dir(cfg.out_dir)
     check_seed(cfg.seed)
@@ -351,6 +364,7 @@ def validate_train(cfg: TrainConfig, world_size: int = 1):
     check_model_memory(cfg)
     dataset_dir(cfg.dataset)  # a plain folder name under the data root
     check_init_from(cfg.init_from, cfg.block_size)
+    check_pretrained_options(cfg)
     if cfg.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
                           f"the {world_size} processes: use a multiple of {world_size}")

@@ -61,6 +61,9 @@ class GPTConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 0 (0: no cap; Gemma 2 uses 50 and 30)")
 
+    # the options of today's GPTs above: their defaults are GPT-2 (what its pretrained weights are)
+    OPTIONS = ("n_kv_head", "attn_window", "attn_softcap", "logit_softcap", "norm", "rope")
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head

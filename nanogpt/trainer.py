@@ -34,7 +34,9 @@ from nanogpt.model import GPT, GPTConfig, model_args
 from nanogpt.pretrained import resolve_folder
 from nanogpt.runtime import setup_runtime
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")  # a resumed model's, from its checkpoint
+# what defines a resumed model, from its checkpoint: its shape and the options of today's GPTs (a checkpoint older
+# than an option lacks its key and keeps the option's default, off)
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias") + GPTConfig.OPTIONS
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:

@@ -157,6 +157,25 @@ def test_resume_takes_the_shape_from_the_checkpoint(char_dataset, tmp_path, caps
               "n_layer: checkpoint 1 vs --n_layer=4")
 
 
+def test_resume_keeps_the_models_options(char_dataset, tmp_path, capsys):
+    """The options of today's GPTs define the model like its shape: a resume left without them takes the
+    checkpoint's, one that asks for others is one error line; GPT-2's weights take none of them."""
+    out = tmp_path / "o"
+    options = ["--n_kv_head=1", "--rope=True", "--norm=rms", "--attn_window=4"]
+    assert cli(train_cli.main, TINY + options + [f"--out_dir={out}", "--max_iters=2", "--eval_interval=1000"],
+               capsys)[0] == 0
+    code, _ = cli(train_cli.main, TINY + [f"--out_dir={out}", "--init_from=resume", "--max_iters=3",
+                                          "--eval_interval=1000"], capsys)
+    assert code == 0
+    config = load_checkpoint(out / "ckpt.pt")["config"]
+    assert (config["n_kv_head"], config["rope"], config["norm"], config["attn_window"]) == (1, True, "rms", 4)
+    one_error(*cli(train_cli.main, TINY + [f"--out_dir={out}", "--init_from=resume", "--rope=False"], capsys),
+              "rope: checkpoint True vs --rope=False")
+    one_error(*cli(train_cli.main, TINY + [f"--out_dir={tmp_path / 'g'}", "--init_from=gpt2", "--rope=True",
+                                           "--norm=rms"], capsys),
+              "init_from=gpt2 loads GPT-2's weights, a model without --norm='rms' --rope=True")
+
+
 def test_eval_only_always_evaluates_once(char_dataset, tmp_path, capsys):
     """D2: a checkpoint at an iteration that is not a multiple of eval_interval used to print nothing."""
     out = tmp_path / "o"
