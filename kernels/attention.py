@@ -69,6 +69,28 @@ def _source(base, T, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BL
 
 
 @triton.jit
+def _heads_source(base, G, stride_g, T, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """What _head_load reads: G heads' (T, HEAD_DIM) matrices from base, stride_g apart, as one 3-d tensor
+    descriptor (made once for a walk over all G heads), or base itself."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[G, T, HEAD_DIM], strides=[stride_g, stride_t, 1],
+                                         block_shape=[1, BLOCK_R, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _head_load(src, g, row0, T, stride_g, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """_load of rows row0 .. row0+BLOCK_R of head g of a _heads_source."""
+    if USE_TMA:
+        return src.load([g, row0, 0]).reshape(BLOCK_R, BLOCK_D)
+    else:
+        return _load(src + g * stride_g, row0, T, stride_t, HEAD_DIM, BLOCK_R, BLOCK_D, False)
+
+
+@triton.jit
 def _load(src, row0, T, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
           USE_TMA: tl.constexpr):
     """Rows row0 .. row0+BLOCK_R of the matrix, zeros past T and past HEAD_DIM."""
@@ -292,50 +314,94 @@ def _attn_bwd_preprocess(O, DO, LSE, LSE_PAD, Delta, stride_ob, stride_oh, strid
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, q, do, lse, delta, start_m, offs_m, start_n, first_q, last_q, qk_scale, cap_in, cap_out,
+               seed, bh, dropout_p, dropout_scale, MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+               WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """dK/dV of the BLOCK_N keys at start_n += the BLOCK_M queries at start_m (q, dO, lse, delta loaded), in the
+    transposed orientation.
+
+    Queries past Tq need no mask: their q/dO rows load as zeros and their lse/delta (padded rows) are 0, so
+    p^T = 1 there and both P^T dO and dS^T Q = P^T (V dO^T - 0) Q add nothing to dK/dV. Keys past Tk need none
+    either: their rows of dK/dV are never stored."""
+    qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # S^T: (keys, queries)
+    if SOFTCAP:
+        s_t, t_t = _capped(qk_t, cap_in, cap_out)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+    else:
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+    if MASK:
+        p_t = tl.where(_within(offs_m[None, :], first_q, last_q, WINDOW_RIGHT, WINDOW_LEFT), p_t, 0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:
+        keep_t = tl.trans(_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
+        pd_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
+        dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+    else:
+        pd_t = p_t
+    # both left operands rounded before either dot: the fp32 tiles die here, not across the dV dot
+    pd_t = pd_t.to(do.dtype)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:  # through the cap: d(cap tanh(x / cap)) / dx = 1 - t^2
+        ds_t = ds_t * (1.0 - t_t * t_t)
+    ds_t = ds_t.to(q.dtype)
+    dv = tl.dot(pd_t, do, dv, input_precision=PRECISION)
+    dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_dom, start_n, lo, hi,
                     Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
                     MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dK/dV of the BLOCK_N keys at start_n over query tiles lo..hi, in the transposed orientation.
-
-    Queries past Tq need no mask: their q/dO rows load as zeros and their lse/delta (padded rows) are 0, so
-    p^T = 1 there and both P^T dO and dS^T Q = P^T (V dO^T - 0) Q add nothing to dK/dV. Keys past Tk need none
-    either: their rows of dK/dV are never stored."""
+    """dK/dV of the BLOCK_N keys at start_n over one query head's tiles lo..hi (see _dkdv_tile)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # key j is seen by queries j - hi_off .. j - lo_off: bounds on the key side, which the query walk does not
-    # change (keys past Tk need no mask, above)
+    # change (keys past Tk need no mask, see _dkdv_tile)
     first_q = (offs_n - hi_off)[:, None]
     last_q = (offs_n - lo_off)[:, None]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load(q_src, start_m, Tq, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
         do = _load(do_src, start_m, Tq, stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-        lse = tl.load(LSE + offs_m)
-        delta = tl.load(Delta + offs_m)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # S^T: (keys, queries)
-        if SOFTCAP:
-            s_t, t_t = _capped(qk_t, cap_in, cap_out)
-            p_t = tl.math.exp2(s_t - lse[None, :])
-        else:
-            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
-        if MASK:
-            p_t = tl.where(_within(offs_m[None, :], first_q, last_q, WINDOW_RIGHT, WINDOW_LEFT), p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if DROPOUT:
-            keep_t = tl.trans(_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
-            pd_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
-            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
-        else:
-            pd_t = p_t
-        # both left operands rounded before either dot: the fp32 tiles die here, not across the dV dot
-        pd_t = pd_t.to(do.dtype)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:  # through the cap: d(cap tanh(x / cap)) / dx = 1 - t^2
-            ds_t = ds_t * (1.0 - t_t * t_t)
-        ds_t = ds_t.to(q.dtype)
-        dv = tl.dot(pd_t, do, dv, input_precision=PRECISION)
-        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, tl.load(LSE + offs_m), tl.load(Delta + offs_m), start_m, offs_m,
+                            start_n,
+                            first_q, last_q, qk_scale, cap_in, cap_out, seed, bh, dropout_p, dropout_scale, MASK,
+                            WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, BLOCK_N, BLOCK_M)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD, LSE, Delta, stride_qm,
+                     stride_dom, start_n, lo, hi, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh,
+                     dropout_p, dropout_scale, MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+                     WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                     USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """_dkdv_tile_loop over the tiles lo..hi of all GROUP query heads (g, from bh on) sharing the kv head, in one
+    flat loop: a loop over the heads around the tile loops kept the all-options backward at 255 registers with
+    136 B of spills; flat, 249 and none (bench/results/NOTES.md, session 32)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    first_q = (offs_n - hi_off)[:, None]
+    last_q = (offs_n - lo_off)[:, None]
+    n_tiles = tl.cdiv(hi - lo, BLOCK_M)
+    g = 0
+    start_m = lo
+    for _ in range(0, GROUP * n_tiles):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _head_load(q_heads, g, start_m, Tq, stride_qh, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+        do = _head_load(do_heads, g, start_m, Tq, stride_doh, stride_dom, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+        lse = tl.load(LSE + g * T_PAD + offs_m)
+        delta = tl.load(Delta + g * T_PAD + offs_m)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse, delta, start_m, offs_m, start_n, first_q, last_q, qk_scale,
+                            cap_in, cap_out, seed, bh + g, dropout_p, dropout_scale, MASK, WINDOW_LEFT, WINDOW_RIGHT,
+                            SOFTCAP, DROPOUT, BLOCK_N, BLOCK_M)
+        start_m += BLOCK_M  # the next tile, or the first of the next head
+        wrap = (start_m >= hi).to(tl.int32)
+        g += wrap
+        start_m -= wrap * (n_tiles * BLOCK_M)
     return dk, dv
 
 
@@ -383,8 +449,8 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p, so
               stride_dvb, stride_dvh, stride_dvn,
               H, GROUP, Tq, Tk, lo_off, hi_off, T_PAD, T_BUCKET,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-              USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_WALK: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+              GQA: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_OWN: tl.constexpr,
+              BLOCK_WALK: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (n, kv head): dK/dV of keys n*BLOCK_OWN.. summed over the GROUP query heads that share the kv head
     (walking query tiles of BLOCK_WALK), then dQ of queries n*BLOCK_OWN.. of each of those heads (walking key
     tiles of BLOCK_WALK). The GQA sum runs inside one program: no atomics, deterministic."""
@@ -412,29 +478,57 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p, so
         last_n = tl.minimum(start + BLOCK_OWN, Tk) - 1
         a, b_, c, e = _walk_ranges(start, last_n, Tq, -hi_off, -lo_off, WINDOW_RIGHT, WINDOW_LEFT, False,
                                    BLOCK_WALK)
-        for g in range(0, GROUP):
-            bh = b * H + hk * GROUP + g
-            h = bh % H
-            q_walk = _source(Q + b * stride_qb + h * stride_qh, Tq, stride_qm, HEAD_DIM, BLOCK_WALK, BLOCK_D,
-                             USE_TMA)
-            do_walk = _source(DO + b * stride_dob + h * stride_doh, Tq, stride_dom, HEAD_DIM, BLOCK_WALK,
-                              BLOCK_D, USE_TMA)
-            lse_h = LSE + bh * T_PAD  # both padded to T_PAD rows (zeros past Tq): whole tiles load unmasked
-            delta_h = Delta + bh * T_PAD
+        if GQA:  # one flat walk over the group's query heads (GQA is GROUP > 1, a constexpr)
+            bh0 = b * H + hk * GROUP
+            q_heads = _heads_source(Q + b * stride_qb + hk * GROUP * stride_qh, GROUP, stride_qh, Tq, stride_qm,
+                                    HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
+            do_heads = _heads_source(DO + b * stride_dob + hk * GROUP * stride_doh, GROUP, stride_doh, Tq,
+                                     stride_dom, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
+            lse_0 = LSE + bh0 * T_PAD
+            delta_0 = Delta + bh0 * T_PAD
             if WINDOW_RIGHT:
-                dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
-                                         start, a, b_, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
-                                         bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                                         DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-            dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom, start,
-                                     b_, c, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh,
-                                     dropout_p, dropout_scale, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                                     DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+                dk, dv = _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD,
+                                          lse_0, delta_0, stride_qm, stride_dom, start, a, b_, Tq, Tk, qk_scale,
+                                          cap_in, cap_out, lo_off, hi_off, seed, bh0, dropout_p, dropout_scale,
+                                          True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM,
+                                          BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+            dk, dv = _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD, lse_0,
+                                      delta_0, stride_qm, stride_dom, start, b_, c, Tq, Tk, qk_scale, cap_in,
+                                      cap_out, lo_off, hi_off, seed, bh0, dropout_p, dropout_scale, False,
+                                      WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN,
+                                      BLOCK_WALK, BLOCK_D)
             if WINDOW_LEFT:
-                dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
-                                         start, c, e, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
-                                         bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                dk, dv = _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD,
+                                          lse_0, delta_0, stride_qm, stride_dom, start, c, e, Tq, Tk, qk_scale,
+                                          cap_in, cap_out, lo_off, hi_off, seed, bh0, dropout_p, dropout_scale,
+                                          True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM,
+                                          BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        else:  # one query head per kv head: GROUP is the constant 1. (The loop is correct for any GROUP: the walk
+            # the flat one replaced, kept so that a GPU can time both; and its one-trip form compiles 4
+            # instructions per dkdv iteration shorter than the same code without it: NOTES.md, session 32)
+            for g in range(0, GROUP):
+                bh = b * H + hk * GROUP + g
+                h = bh % H
+                q_walk = _source(Q + b * stride_qb + h * stride_qh, Tq, stride_qm, HEAD_DIM, BLOCK_WALK, BLOCK_D,
+                                 USE_TMA)
+                do_walk = _source(DO + b * stride_dob + h * stride_doh, Tq, stride_dom, HEAD_DIM, BLOCK_WALK,
+                                  BLOCK_D, USE_TMA)
+                lse_h = LSE + bh * T_PAD  # both padded to T_PAD rows (zeros past Tq): whole tiles load unmasked
+                delta_h = Delta + bh * T_PAD
+                if WINDOW_RIGHT:
+                    dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
+                                             start, a, b_, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
+                                             bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                                             DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+                dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom, start,
+                                         b_, c, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh,
+                                         dropout_p, dropout_scale, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
                                          DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+                if WINDOW_LEFT:
+                    dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
+                                             start, c, e, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
+                                             bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                                             DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
         dk_dst = _source(DK + b * stride_dkb + hk * stride_dkh, Tk, stride_dkn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
                          USE_TMA)
         dv_dst = _source(DV + b * stride_dvb + hk * stride_dvh, Tk, stride_dvn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
@@ -741,7 +835,7 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // H_kv, Tq, Tk, T_PAD=t_pad, T_BUCKET=_t_bucket(Tq, Tk),
         **_mask_args(Tq, Tk, causal, window_left, window_right), SOFTCAP=softcap > 0.0, DROPOUT=dropout_p > 0.0,
-        USE_TMA=use_tma(q, k, v, do, dq, dk, dv), HEAD_DIM=D, BLOCK_D=block_d)
+        GQA=H != H_kv, USE_TMA=use_tma(q, k, v, do, dq, dk, dv), HEAD_DIM=D, BLOCK_D=block_d)
     return dq, dk, dv
 
 
@@ -926,7 +1020,7 @@ def inspect_cases(problems=None, arch="sm_90"):
                 Q=dtype, K=dtype, V=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE=torch.float32,
                 Delta=torch.float32, **common, **_strides("q", qkv), **_strides("k", qkv), **_strides("v", qkv),
                 **_strides("do", do), **_strides("dq", dense), **_strides("dk", dense_kv),
-                **_strides("dv", dense_kv), **bwd_sizes, **flags)))
+                **_strides("dv", dense_kv), **bwd_sizes, **flags, GQA=group > 1)))
             cases[-1]["loops"] = _bwd_loops(c, block_d, flags["WINDOW_RIGHT"], flags["WINDOW_LEFT"])
     return cases
 
