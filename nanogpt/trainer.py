@@ -485,5 +485,13 @@ class Trainer:
     def close(self):
         self._release_out_dir()
         if self.ddp:
+            import gc
+
             import torch.distributed as dist
+            # DDP's reducer holds the process group and its last work objects: dropped here, the group's gloo
+            # threads are joined by destroy_process_group. Left to the interpreter's exit, they were once torn
+            # down unjoined ("terminate called without an active exception", SIGABRT after a complete run:
+            # bench/results/NOTES.md, sessions 29 and 32)
+            self.model = self.raw_model
+            gc.collect()
             dist.destroy_process_group()
