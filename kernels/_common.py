@@ -123,6 +123,27 @@ def check_qkv(name: str, q, k, v, kv_shape: str) -> None:
                          f"v {tuple(v.shape)} (k and v {kv_shape})")
 
 
+def check_softcap(name: str, softcap) -> None:
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"{name}: softcap={softcap} must be positive (scores become softcap * tanh(score / "
+                         f"softcap)), or None for no cap")
+
+
+def window_sides(name: str, window, causal: bool = False) -> tuple[int, int]:
+    """window=(left, right) as the ops take it: the keys a query sees on each side of its position, ints >= 0,
+    -1 or None for an unbounded side; None for no window. Returns (left, right) with -1 for unbounded. causal
+    (decoding): the right side must be 0 or unbounded."""
+    if window is None:
+        return -1, -1
+    ok = isinstance(window, (tuple, list)) and len(window) == 2 and \
+        all(w is None or (type(w) is int and w >= -1) for w in window)
+    if not ok or (causal and window[1] not in (None, -1, 0)):
+        right = "right 0, -1 or None (decoding is causal)" if causal else "right likewise"
+        raise ValueError(f"{name}: window={window!r} must be (left, right) with left an int >= 0 (or -1 / None: "
+                         f"unbounded) and {right}")
+    return tuple(-1 if w is None else w for w in window)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype torch.autocast computes matmuls in on this device, or None when autocast is off there. Read in the
     Python wrappers, outside the custom ops, so compiled graphs guard on it."""

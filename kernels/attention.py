@@ -44,10 +44,12 @@ from kernels._common import (
     block_d_of,
     check_device,
     check_qkv,
+    check_softcap,
     interpreting,
     launch_case,
     tanh,
     use_tma,
+    window_sides,
 )
 
 HEAD_DIMS = tuple(range(8, 257, 8))  # BLOCK_D pads each to a power of two; TMA rows need 16 bytes
@@ -351,17 +353,21 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse, delta, start_m, offs_m, start_n, first_
 
 
 @triton.jit
+def _key_side_bounds(start_n, lo_off, hi_off, BLOCK_N: tl.constexpr):
+    """Key j is seen by queries j - hi_off .. j - lo_off: the bounds (first, last query) of the BLOCK_N keys at
+    start_n, as columns, which the query walk does not change (keys past Tk need no mask, see _dkdv_tile)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    return (offs_n - hi_off)[:, None], (offs_n - lo_off)[:, None]
+
+
+@triton.jit
 def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_dom, start_n, lo, hi,
                     Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
                     MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK/dV of the BLOCK_N keys at start_n over one query head's tiles lo..hi (see _dkdv_tile)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    # key j is seen by queries j - hi_off .. j - lo_off: bounds on the key side, which the query walk does not
-    # change (keys past Tk need no mask, see _dkdv_tile)
-    first_q = (offs_n - hi_off)[:, None]
-    last_q = (offs_n - lo_off)[:, None]
+    first_q, last_q = _key_side_bounds(start_n, lo_off, hi_off, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load(q_src, start_m, Tq, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
@@ -383,9 +389,7 @@ def _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_d
     """_dkdv_tile_loop over the tiles lo..hi of all GROUP query heads (g, from bh on) sharing the kv head, in one
     flat loop: a loop over the heads around the tile loops kept the all-options backward at 255 registers with
     136 B of spills; flat, 249 and none (bench/results/NOTES.md, session 32)."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    first_q = (offs_n - hi_off)[:, None]
-    last_q = (offs_n - lo_off)[:, None]
+    first_q, last_q = _key_side_bounds(start_n, lo_off, hi_off, BLOCK_N)
     n_tiles = tl.cdiv(hi - lo, BLOCK_M)
     g = 0
     start_m = lo
@@ -861,17 +865,6 @@ def _backward(ctx, do, _dlse, _dseed):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _window_sides(window):
-    """window=(left, right) as the ops take it: ints, -1 for an unbounded side (None means the same)."""
-    if window is None:
-        return -1, -1
-    if not (isinstance(window, (tuple, list)) and len(window) == 2 and
-            all(w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= -1) for w in window)):
-        raise ValueError(f"attention: window={window!r} must be (left, right): keys a query sees on each side, "
-                         f"ints >= 0, or -1 / None for an unbounded side")
-    return tuple(-1 if w is None else w for w in window)
-
-
 def _check_inputs(q, k, v, causal, dropout_p, scale, softcap):
     check_qkv("attention", q, k, v, "must be (B, H_kv, Tk, D) with q's B and D, H_kv dividing q's H")
     B, H, Tq, D = q.shape
@@ -887,9 +880,7 @@ def _check_inputs(q, k, v, causal, dropout_p, scale, softcap):
         raise ValueError(f"attention: dropout_p={dropout_p} must be in [0, 1)")
     if scale is not None and not scale > 0.0:
         raise ValueError(f"attention: scale={scale} must be positive (the kernels fold it into the row maximum)")
-    if softcap is not None and not softcap > 0.0:
-        raise ValueError(f"attention: softcap={softcap} must be positive (scores become softcap * "
-                         f"tanh(score / softcap)), or None for no cap")
+    check_softcap("attention", softcap)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"attention: {name} must be contiguous in its last (head) dimension; call "
@@ -915,7 +906,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     (B, T, H, D).transpose(1, 2) views are read in place); D a multiple of 8 up to 256; float32, float16 or
     bfloat16, fp32 accumulation, output in the input dtype."""
     _check_inputs(q, k, v, causal, dropout_p, scale, softcap)
-    left, right = _window_sides(window)
+    left, right = window_sides("attention", window)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return _attention_fwd_op(q, k, v, bool(causal), float(dropout_p), float(scale), float(softcap or 0.0), left,
@@ -929,7 +920,7 @@ def window_tiles(Tq: int, Tk: int, causal: bool = True, window=None, block_m: in
     computes (_walk_ranges), for a config's BLOCK_M x BLOCK_N (default: the interpreter's)."""
     block_m = block_m or INTERPRETER_FWD_CONFIG["BLOCK_M"]
     block_n = block_n or INTERPRETER_FWD_CONFIG["BLOCK_N"]
-    left, right = _window_sides(window)
+    left, right = window_sides("attention", window)
     m = _mask_args(Tq, Tk, causal, left, right)
     visited = 0
     for start in range(0, Tq, block_m):

@@ -34,9 +34,11 @@ from kernels._common import (
     block_d_of,
     check_device,
     check_qkv,
+    check_softcap,
     launch_case,
     num_programs_hint,
     tanh,
+    window_sides,
 )
 
 MAX_QUERIES = 16  # new queries per call (speculative / multi-token decoding); 1 for plain sampling
@@ -276,7 +278,7 @@ def _backward(ctx, do):
 _decode_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q, k, v, lengths, softcap, window):
+def _check_inputs(q, k, v, lengths, softcap):
     check_qkv("decode_attention", q, k, v, "are the cache, (B, H_kv, Tmax, D) with q's B and D, H_kv dividing q's H")
     B, H, Tq, D = q.shape
     if not 1 <= Tq <= MAX_QUERIES:
@@ -292,13 +294,7 @@ def _check_inputs(q, k, v, lengths, softcap, window):
                else type(lengths).__name__)
         raise ValueError(f"decode_attention: lengths must be a (B,) = ({B},) int32 tensor of valid keys per row, "
                          f"got {got}")
-    if softcap is not None and not softcap > 0.0:
-        raise ValueError(f"decode_attention: softcap={softcap} must be positive, or None for no cap")
-    if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2 and
-                                   all(w is None or (type(w) is int and w >= -1) for w in window) and
-                                   window[1] in (None, -1, 0)):
-        raise ValueError(f"decode_attention: window={window!r} must be (left, right) with left an int >= 0 (or -1 / "
-                         f"None: unbounded) and right 0, -1 or None (decoding is causal)")
+    check_softcap("decode_attention", softcap)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"decode_attention: {name} must be contiguous in its last (head) dimension; call "
@@ -319,13 +315,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     the last left + 1 of them (keys before the window are not read). softcap: scores become
     softcap * tanh(score / softcap), as in kernels.attention. float32, float16 or bfloat16, fp32 accumulation,
     output (B, H, Tq, D) in the input dtype. scale defaults to 1/sqrt(D)."""
-    _check_inputs(q, k, v, lengths, softcap, window)
+    _check_inputs(q, k, v, lengths, softcap)
+    left, _ = window_sides("decode_attention", window, causal=True)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     B, H, Tq, D = q.shape
     heads = heads_per_program(H // k.shape[1], Tq)
     num_splits = num_splits_for(B, H // heads, k.shape[2], launch_config(heads * Tq, D)["BLOCK_N"], q.device)
-    left = -1 if window is None or window[0] is None else window[0]
     return _decode_attention_op(q, k, v, lengths, float(scale), num_splits, float(softcap or 0.0), left)
 
 
