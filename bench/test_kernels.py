@@ -40,19 +40,22 @@ def _sdpa_with(backend_name):
     return attention
 
 
-def _flex_attention():
+def _flex_with(group, window):
+    """FlexAttention, compiled, with a causal block mask (a sliding window of `window` keys when given) and GQA
+    when group > 1: the Triton-generated attention a user would pick instead of ours."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     compiled = torch.compile(flex_attention, dynamic=False)
     masks = {}
 
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
+    def visible(b, h, q_idx, kv_idx):
+        ok = q_idx >= kv_idx
+        return ok & (q_idx - kv_idx < window) if window else ok
 
-    def attention(q, k, v):
+    def attention(q, k, v, dropout_p=0.0, **options):  # the block mask already holds the window option
         T = q.shape[-2]
         if T not in masks:
-            masks[T] = create_block_mask(causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
-        return compiled(q, k, v, block_mask=masks[T])
+            masks[T] = create_block_mask(visible, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
+        return compiled(q, k, v, block_mask=masks[T], enable_gqa=group > 1)
     return attention
 
 
@@ -84,7 +87,7 @@ SDPA_PINNED = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MAT
 ATTENTION_BACKENDS = {
     **{name: (lambda f=f: (lambda q, k, v: f()(q, k, v, 0.0))) for name, f in _registry("attention").items()},
     **{f"sdpa[{b.split('_')[0].lower()}]": (lambda b=b: _sdpa_with(b)) for b in SDPA_PINNED},
-    **({"flex_attention": _flex_attention} if ON_GPU and _has_flex_attention() else {}),
+    **({"flex_attention": lambda: _flex_with(group=1, window=None)} if ON_GPU and _has_flex_attention() else {}),
     "compile(naive)": lambda: (lambda q, k, v: _compiled(naive_attention)(q, k, v)),
 }
 LAYER_NORM_BACKENDS = {
@@ -211,23 +214,6 @@ def test_gelu(benchmark, record, shape, backend, dtype, passes):
 OPTIONS_SHAPE = (16, 12, 1024, 64) if ON_GPU else (2, 4, 128, 64)
 OPTIONS_CASES = {"gqa4": dict(group=4, window=None),
                  f"window{256 if ON_GPU else 32}": dict(group=1, window=256 if ON_GPU else 32)}
-
-
-def _flex_with(group, window):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    compiled = torch.compile(flex_attention, dynamic=False)
-    masks = {}
-
-    def visible(b, h, q_idx, kv_idx):
-        ok = q_idx >= kv_idx
-        return ok & (q_idx - kv_idx < window) if window else ok
-
-    def attention(q, k, v, dropout_p=0.0, softcap=None, window=None):
-        T = q.shape[-2]
-        if T not in masks:
-            masks[T] = create_block_mask(visible, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
-        return compiled(q, k, v, block_mask=masks[T], enable_gqa=group > 1)
-    return attention
 
 
 def _options_backends():

@@ -144,14 +144,19 @@ def expand_kv(k, n_head):
     return k if group == 1 else k.repeat_interleave(group, dim=1)
 
 
-def causal_mask(T, window, device):
-    """(T, T) bool: query i sees key j iff j <= i (and, with window=(left, 0), j >= i - left)."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    visible = j <= i
+def visible_keys(query_pos, key_pos, window=None):
+    """bool, broadcast: a query at query_pos sees a key at key_pos iff key_pos <= query_pos (and, with
+    window=(left, 0), key_pos >= query_pos - left)."""
+    visible = key_pos <= query_pos
     if window is not None:
-        visible &= j >= i - window[0]
+        visible &= key_pos >= query_pos - window[0]
     return visible
+
+
+def causal_mask(T, window, device):
+    """(T, T) bool: query i sees key j (visible_keys)."""
+    positions = torch.arange(T, device=device)
+    return visible_keys(positions[:, None], positions[None, :], window)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,12 +178,8 @@ def decode_mask(lengths, Tq, Tmax, window=None):
     """(B, 1, Tq, Tmax) bool, True where query i of row b (at position lengths[b] - Tq + i) may see key j (with
     window=(left, 0): only keys from its position - left). Built on the device from the lengths tensor: no
     .item(), the same shape every step (CUDA graphs)."""
-    q_pos = query_positions(lengths, Tq)[:, :, None]
     keys = torch.arange(Tmax, device=lengths.device)[None, None, :]
-    visible = keys <= q_pos
-    if window is not None:
-        visible &= keys >= q_pos - window[0]
-    return visible[:, None]
+    return visible_keys(query_positions(lengths, Tq)[:, :, None], keys, window)[:, None]
 
 
 def naive_decode_attention(q, k, v, lengths, softcap=None, window=None):
@@ -238,9 +239,7 @@ def sdpa_attention(q, k, v, dropout_p=0.0, softcap=None, window=None):
     if window is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q.size(-2), window, q.device),
                                               dropout_p=dropout_p, enable_gqa=gqa)
-    if gqa:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 def sdpa_decode_attention(q, k, v, lengths, softcap=None, window=None):
