@@ -16,7 +16,9 @@ query blocks that see it, then dQ of query block n over the key blocks it sees. 
 halves balance (key block n is seen by T - n*BLOCK queries, query block n sees n*BLOCK keys), no atomics,
 deterministic. The dK/dV half works on the transposed scores S^T = K Q^T and dP^T = V dO^T, so P^T and dS^T
 are already the left operands of dV = P^T dO and dK = dS^T Q: no transpose of P or dS per tile, and every
-dot has the owned block (>= 64 rows) as its M dimension, which Hopper's warpgroup MMA (wgmma) needs.
+dot has the owned block (>= 64 rows) as its M dimension, which Hopper's warpgroup MMA (wgmma) needs. At
+BLOCK_D=256 the dK and dV accumulators together exceed the registers of a warpgroup, so the program walks the
+query blocks twice, dV first, then dK (S^T recomputed: 1.25x the MMA work, no spill).
 
 Loads and stores: on Hopper (sm_90+) the Q/K/V/O/dO/dQ/dK/dV tiles move through TMA tensor descriptors made
 on the device (`tl.make_tensor_descriptor`; the hardware clips and zero-fills the tails); elsewhere (sm_80,
@@ -53,6 +55,8 @@ from kernels._common import (
 )
 
 HEAD_DIMS = tuple(range(8, 257, 8))  # BLOCK_D pads each to a power of two; TMA rows need 16 bytes
+# from this BLOCK_D on, the backward walks dV and dK one after the other (see _attn_bwd)
+SPLIT_DKDV_FROM: tl.constexpr = tl.constexpr(256)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,6 +120,14 @@ def _store(src, row0, value, T, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.co
         cols = tl.arange(0, BLOCK_D)
         mask = (rows[:, None] < T) & (cols[None, :] < HEAD_DIM)
         tl.store(src + rows[:, None] * stride_t + cols[None, :], value, mask=mask)
+
+
+@triton.jit
+def _store_rows(base, row0, value, T, stride_t, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """_store of value into rows row0.. of the (T, HEAD_DIM) matrix at base, its source made here."""
+    _store(_source(base, T, stride_t, HEAD_DIM, BLOCK_R, BLOCK_D, USE_TMA), row0, value, T, stride_t, HEAD_DIM,
+           BLOCK_R, BLOCK_D, USE_TMA)
 
 
 @triton.jit
@@ -318,10 +330,10 @@ def _attn_bwd_preprocess(O, DO, LSE, LSE_PAD, Delta, stride_ob, stride_oh, strid
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q, do, lse, delta, start_m, offs_m, start_n, first_q, last_q, qk_scale, cap_in, cap_out,
                seed, bh, dropout_p, dropout_scale, MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr,
-               WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_M: tl.constexpr):
+               WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, WITH_DK: tl.constexpr,
+               WITH_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """dK/dV of the BLOCK_N keys at start_n += the BLOCK_M queries at start_m (q, dO, lse, delta loaded), in the
-    transposed orientation.
+    transposed orientation; WITH_DK / WITH_DV: which of the two this walk accumulates (the other passes through).
 
     Queries past Tq need no mask: their q/dO rows load as zeros and their lse/delta (padded rows) are 0, so
     p^T = 1 there and both P^T dO and dS^T Q = P^T (V dO^T - 0) Q add nothing to dK/dV. Keys past Tk need none
@@ -334,21 +346,27 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse, delta, start_m, offs_m, start_n, first_
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
     if MASK:
         p_t = tl.where(_within(offs_m[None, :], first_q, last_q, WINDOW_RIGHT, WINDOW_LEFT), p_t, 0.0)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if WITH_DK:
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     if DROPOUT:
         keep_t = tl.trans(_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
         pd_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
-        dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+        if WITH_DK:
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
     else:
         pd_t = p_t
-    # both left operands rounded before either dot: the fp32 tiles die here, not across the dV dot
-    pd_t = pd_t.to(do.dtype)
-    ds_t = p_t * (dp_t - delta[None, :])
-    if SOFTCAP:  # through the cap: d(cap tanh(x / cap)) / dx = 1 - t^2
-        ds_t = ds_t * (1.0 - t_t * t_t)
-    ds_t = ds_t.to(q.dtype)
-    dv = tl.dot(pd_t, do, dv, input_precision=PRECISION)
-    dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+    if WITH_DV:
+        # both left operands rounded before either dot: the fp32 tiles die here, not across the dV dot
+        pd_t = pd_t.to(do.dtype)
+    if WITH_DK:
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:  # through the cap: d(cap tanh(x / cap)) / dx = 1 - t^2
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        ds_t = ds_t.to(q.dtype)
+    if WITH_DV:
+        dv = tl.dot(pd_t, do, dv, input_precision=PRECISION)
+    if WITH_DK:
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -364,8 +382,9 @@ def _key_side_bounds(start_n, lo_off, hi_off, BLOCK_N: tl.constexpr):
 def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_dom, start_n, lo, hi,
                     Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
                     MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+                    USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     """dK/dV of the BLOCK_N keys at start_n over one query head's tiles lo..hi (see _dkdv_tile)."""
     first_q, last_q = _key_side_bounds(start_n, lo_off, hi_off, BLOCK_N)
     for start_m in range(lo, hi, BLOCK_M):
@@ -375,7 +394,7 @@ def _dkdv_tile_loop(dk, dv, k, v, q_src, do_src, LSE, Delta, stride_qm, stride_d
         dk, dv = _dkdv_tile(dk, dv, k, v, q, do, tl.load(LSE + offs_m), tl.load(Delta + offs_m), start_m, offs_m,
                             start_n,
                             first_q, last_q, qk_scale, cap_in, cap_out, seed, bh, dropout_p, dropout_scale, MASK,
-                            WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, BLOCK_N, BLOCK_M)
+                            WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, WITH_DK, WITH_DV, BLOCK_N, BLOCK_M)
     return dk, dv
 
 
@@ -384,8 +403,8 @@ def _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_d
                      stride_dom, start_n, lo, hi, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh,
                      dropout_p, dropout_scale, MASK: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                      WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-                     USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """_dkdv_tile_loop over the tiles lo..hi of all GROUP query heads (g, from bh on) sharing the kv head, in one
     flat loop: a loop over the heads around the tile loops kept the all-options backward at 255 registers with
     136 B of spills; flat, 249 and none (bench/results/NOTES.md, session 32)."""
@@ -401,7 +420,7 @@ def _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_d
         delta = tl.load(Delta + g * T_PAD + offs_m)
         dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse, delta, start_m, offs_m, start_n, first_q, last_q, qk_scale,
                             cap_in, cap_out, seed, bh + g, dropout_p, dropout_scale, MASK, WINDOW_LEFT, WINDOW_RIGHT,
-                            SOFTCAP, DROPOUT, BLOCK_N, BLOCK_M)
+                            SOFTCAP, DROPOUT, WITH_DK, WITH_DV, BLOCK_N, BLOCK_M)
         start_m += BLOCK_M  # the next tile, or the first of the next head
         wrap = (start_m >= hi).to(tl.int32)
         g += wrap
@@ -446,6 +465,74 @@ def _dq_tile_loop(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, sta
 
 
 @triton.jit
+def _dkdv_walk(dk, dv, k, v, Q, DO, LSE, Delta, b, hk, H, GROUP, stride_qb, stride_qh, stride_qm, stride_dob,
+               stride_doh, stride_dom, T_PAD, start, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
+               dropout_p, dropout_scale, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, GQA: tl.constexpr, WITH_DK: tl.constexpr,
+               WITH_DV: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_OWN: tl.constexpr,
+               BLOCK_WALK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK and/or dV (WITH_DK, WITH_DV) of the BLOCK_OWN keys at start, k and v loaded: the walk over every query
+    tile of the GROUP query heads that sees them."""
+    last_n = tl.minimum(start + BLOCK_OWN, Tk) - 1
+    # query i sees key j for j - hi_off <= i <= j - lo_off: [a, b) cut by the causal diagonal / right side
+    # (masked), [b, c) whole, [c, e) cut by the window's left side (masked)
+    a, b_, c, e = _walk_ranges(start, last_n, Tq, -hi_off, -lo_off, WINDOW_RIGHT, WINDOW_LEFT, False,
+                               BLOCK_WALK)
+    if GQA:  # one flat walk over the group's query heads (GQA is GROUP > 1, a constexpr)
+        bh0 = b * H + hk * GROUP
+        q_heads = _heads_source(Q + b * stride_qb + hk * GROUP * stride_qh, GROUP, stride_qh, Tq, stride_qm,
+                                HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
+        do_heads = _heads_source(DO + b * stride_dob + hk * GROUP * stride_doh, GROUP, stride_doh, Tq,
+                                 stride_dom, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
+        lse_0 = LSE + bh0 * T_PAD
+        delta_0 = Delta + bh0 * T_PAD
+        if WINDOW_RIGHT:
+            dk, dv = _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD,
+                                      lse_0, delta_0, stride_qm, stride_dom, start, a, b_, Tq, Tk, qk_scale,
+                                      cap_in, cap_out, lo_off, hi_off, seed, bh0, dropout_p, dropout_scale,
+                                      True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, WITH_DK, WITH_DV, USE_TMA,
+                                      HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        dk, dv = _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD, lse_0,
+                                  delta_0, stride_qm, stride_dom, start, b_, c, Tq, Tk, qk_scale, cap_in,
+                                  cap_out, lo_off, hi_off, seed, bh0, dropout_p, dropout_scale, False,
+                                  WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, WITH_DK, WITH_DV, USE_TMA, HEAD_DIM,
+                                  BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        if WINDOW_LEFT:
+            dk, dv = _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD,
+                                      lse_0, delta_0, stride_qm, stride_dom, start, c, e, Tq, Tk, qk_scale,
+                                      cap_in, cap_out, lo_off, hi_off, seed, bh0, dropout_p, dropout_scale,
+                                      True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, WITH_DK, WITH_DV, USE_TMA,
+                                      HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+    else:  # one query head per kv head: GROUP is the constant 1. (The loop is correct for any GROUP: the walk
+        # the flat one replaced, kept so that a GPU can time both; and its one-trip form compiles 4
+        # instructions per dkdv iteration shorter than the same code without it: NOTES.md, session 32)
+        for g in range(0, GROUP):
+            bh = b * H + hk * GROUP + g
+            h = bh % H
+            q_walk = _source(Q + b * stride_qb + h * stride_qh, Tq, stride_qm, HEAD_DIM, BLOCK_WALK, BLOCK_D,
+                             USE_TMA)
+            do_walk = _source(DO + b * stride_dob + h * stride_doh, Tq, stride_dom, HEAD_DIM, BLOCK_WALK,
+                              BLOCK_D, USE_TMA)
+            lse_h = LSE + bh * T_PAD  # both padded to T_PAD rows (zeros past Tq): whole tiles load unmasked
+            delta_h = Delta + bh * T_PAD
+            if WINDOW_RIGHT:
+                dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
+                                         start, a, b_, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
+                                         bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                                         DROPOUT, WITH_DK, WITH_DV, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+            dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom, start,
+                                     b_, c, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh,
+                                     dropout_p, dropout_scale, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                                     DROPOUT, WITH_DK, WITH_DV, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+            if WINDOW_LEFT:
+                dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
+                                         start, c, e, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
+                                         bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                                         DROPOUT, WITH_DK, WITH_DV, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p, softcap,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
@@ -477,70 +564,28 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p, so
         v = _load(v_own, start, Tk, stride_vn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
         dk = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_OWN, BLOCK_D), dtype=tl.float32)
-        # query i sees key j for j - hi_off <= i <= j - lo_off: [a, b) cut by the causal diagonal / right side
-        # (masked), [b, c) whole, [c, e) cut by the window's left side (masked)
-        last_n = tl.minimum(start + BLOCK_OWN, Tk) - 1
-        a, b_, c, e = _walk_ranges(start, last_n, Tq, -hi_off, -lo_off, WINDOW_RIGHT, WINDOW_LEFT, False,
-                                   BLOCK_WALK)
-        if GQA:  # one flat walk over the group's query heads (GQA is GROUP > 1, a constexpr)
-            bh0 = b * H + hk * GROUP
-            q_heads = _heads_source(Q + b * stride_qb + hk * GROUP * stride_qh, GROUP, stride_qh, Tq, stride_qm,
-                                    HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
-            do_heads = _heads_source(DO + b * stride_dob + hk * GROUP * stride_doh, GROUP, stride_doh, Tq,
-                                     stride_dom, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
-            lse_0 = LSE + bh0 * T_PAD
-            delta_0 = Delta + bh0 * T_PAD
-            if WINDOW_RIGHT:
-                dk, dv = _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD,
-                                          lse_0, delta_0, stride_qm, stride_dom, start, a, b_, Tq, Tk, qk_scale,
-                                          cap_in, cap_out, lo_off, hi_off, seed, bh0, dropout_p, dropout_scale,
-                                          True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM,
-                                          BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-            dk, dv = _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD, lse_0,
-                                      delta_0, stride_qm, stride_dom, start, b_, c, Tq, Tk, qk_scale, cap_in,
-                                      cap_out, lo_off, hi_off, seed, bh0, dropout_p, dropout_scale, False,
-                                      WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN,
-                                      BLOCK_WALK, BLOCK_D)
-            if WINDOW_LEFT:
-                dk, dv = _dkdv_group_walk(dk, dv, k, v, q_heads, do_heads, GROUP, stride_qh, stride_doh, T_PAD,
-                                          lse_0, delta_0, stride_qm, stride_dom, start, c, e, Tq, Tk, qk_scale,
-                                          cap_in, cap_out, lo_off, hi_off, seed, bh0, dropout_p, dropout_scale,
-                                          True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM,
-                                          BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-        else:  # one query head per kv head: GROUP is the constant 1. (The loop is correct for any GROUP: the walk
-            # the flat one replaced, kept so that a GPU can time both; and its one-trip form compiles 4
-            # instructions per dkdv iteration shorter than the same code without it: NOTES.md, session 32)
-            for g in range(0, GROUP):
-                bh = b * H + hk * GROUP + g
-                h = bh % H
-                q_walk = _source(Q + b * stride_qb + h * stride_qh, Tq, stride_qm, HEAD_DIM, BLOCK_WALK, BLOCK_D,
-                                 USE_TMA)
-                do_walk = _source(DO + b * stride_dob + h * stride_doh, Tq, stride_dom, HEAD_DIM, BLOCK_WALK,
-                                  BLOCK_D, USE_TMA)
-                lse_h = LSE + bh * T_PAD  # both padded to T_PAD rows (zeros past Tq): whole tiles load unmasked
-                delta_h = Delta + bh * T_PAD
-                if WINDOW_RIGHT:
-                    dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
-                                             start, a, b_, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
-                                             bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                                             DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-                dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom, start,
-                                         b_, c, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh,
-                                         dropout_p, dropout_scale, False, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                                         DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-                if WINDOW_LEFT:
-                    dk, dv = _dkdv_tile_loop(dk, dv, k, v, q_walk, do_walk, lse_h, delta_h, stride_qm, stride_dom,
-                                             start, c, e, Tq, Tk, qk_scale, cap_in, cap_out, lo_off, hi_off, seed,
-                                             bh, dropout_p, dropout_scale, True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
-                                             DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
-        dk_dst = _source(DK + b * stride_dkb + hk * stride_dkh, Tk, stride_dkn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
-                         USE_TMA)
-        dv_dst = _source(DV + b * stride_dvb + hk * stride_dvh, Tk, stride_dvn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
-                         USE_TMA)
-        _store(dk_dst, start, (dk * sm_scale).to(DK.dtype.element_ty), Tk, stride_dkn, HEAD_DIM, BLOCK_OWN,
-               BLOCK_D, USE_TMA)
-        _store(dv_dst, start, dv.to(DV.dtype.element_ty), Tk, stride_dvn, HEAD_DIM, BLOCK_OWN, BLOCK_D,
-               USE_TMA)
+        # dK and dV in one walk; from SPLIT_DKDV_FROM on (dK and dV of 64 keys x 256 columns in fp32 are 256
+        # registers per thread on 4 warps, over the limit) dV walks first (S^T, P^T dO) and is stored before dK
+        # walks (S^T again, dP^T, dS^T Q): 1.25x the MMA work, one accumulator live at a time, no spill in the
+        # loops (bench/results/NOTES.md, session 33)
+        SPLIT: tl.constexpr = BLOCK_D >= SPLIT_DKDV_FROM
+        dk, dv = _dkdv_walk(dk, dv, k, v, Q, DO, LSE, Delta, b, hk, H, GROUP, stride_qb, stride_qh, stride_qm,
+                            stride_dob, stride_doh, stride_dom, T_PAD, start, Tq, Tk, qk_scale, cap_in, cap_out,
+                            lo_off, hi_off, seed, dropout_p, dropout_scale, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP,
+                            DROPOUT, GQA, not SPLIT, True, USE_TMA, HEAD_DIM, BLOCK_OWN, BLOCK_WALK, BLOCK_D)
+        if SPLIT:
+            _store_rows(DV + b * stride_dvb + hk * stride_dvh, start, dv.to(DV.dtype.element_ty), Tk, stride_dvn,
+                        HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+            dk, dv = _dkdv_walk(dk, dv, k, v, Q, DO, LSE, Delta, b, hk, H, GROUP, stride_qb, stride_qh, stride_qm,
+                                stride_dob, stride_doh, stride_dom, T_PAD, start, Tq, Tk, qk_scale, cap_in,
+                                cap_out, lo_off, hi_off, seed, dropout_p, dropout_scale, WINDOW_LEFT,
+                                WINDOW_RIGHT, SOFTCAP, DROPOUT, GQA, True, False, USE_TMA, HEAD_DIM, BLOCK_OWN,
+                                BLOCK_WALK, BLOCK_D)
+        _store_rows(DK + b * stride_dkb + hk * stride_dkh, start, (dk * sm_scale).to(DK.dtype.element_ty), Tk,
+                    stride_dkn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
+        if not SPLIT:
+            _store_rows(DV + b * stride_dvb + hk * stride_dvh, start, dv.to(DV.dtype.element_ty), Tk, stride_dvn,
+                        HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
 
     if start < Tq:  # dQ of the owned query block, for each query head of the group
         k_walk = _source(K, Tk, stride_kn, HEAD_DIM, BLOCK_WALK, BLOCK_D, USE_TMA)
@@ -629,18 +674,22 @@ _FWD = [(128, 64, 4, 3, (16, 32, 64), {"dropout": (64,)}),
 # TMA) spills with the wide walks at BLOCK_D=64 and with 8 warps at BLOCK_D=128: there it keeps 64x32 on 4 warps.
 # With dropout on sm_90, 64x64/4w at BLOCK_D=64 sits at 255 registers and spills 16 B causal (since the window
 # masks of session 30): not shipped there; 128x64/8w and 64x32/4w are clean.
-# BLOCK_D=256: every candidate spills (dK and dV of 64 rows x 256 columns in fp32 are 256 registers per thread on 4
-# warps). On sm_90 64x32/4w spills 1,032 B (1,112 B with dropout), with local loads/stores inside the loops, but
-# issues the fewest instructions per tile (16,720 warp-instructions per 128x64 tile causal, against 76,992:
-# bench/results/inspect-attention-options-sm_90.md). 64x16/8w spills 80 B (224 B with dropout), but its two
-# warpgroups split the 256 columns and each computes the whole S^T/dP^T tile: 1.5-1.67x the MMA FLOPs. Both are
-# shipped; the autotuner decides on the GPU. On sm_80 only 64x16/8w ships (0 B; 48 B with dropout). bench/results/NOTES.md, session 30.
+# BLOCK_D=256 walks dV and dK one after the other (see _attn_bwd: fused, dK and dV of 64 rows x 256 columns in fp32
+# are 256 registers per thread on 4 warps, and every config spilled, up to 1,032 B with local accesses inside the
+# loops). Split, on sm_90, without dropout 64x32/4w and 128x32/8w are clean; with dropout, whose mask takes
+# registers, 64x16/4w (16 B) and 128x16/8w (24 B) spill outside the loops only, where the walk of 32 has local
+# accesses inside them. Two warpgroups owning 64 rows would compute the same S^T/dP^T tiles (Triton puts a chained
+# dot's warps along M). On sm_80 (mma.sync) 64x32/8w is clean (24 B with dropout) though its warps repeat part of
+# the score tiles (1.5x); 4 warps spill 416 B there. bench/results/NOTES.md, session 33.
 _BWD = [(64, 64, 4, 3, (16, 32, 64), {"sm_80": (64,), "sm_90+dropout": (64,)}),
         (128, 64, 8, 3, (16, 32, 64), {"sm_90+no_dropout": (64,), "sm_80+dropout": (64,)}),
         (64, 32, 4, 3, UP_TO_128, {"sm_90+dropout": (128,), "sm_90+no_dropout": (64,)}),
         (128, 32, 8, 3, (128,), {"dropout": (128,), "sm_80": (128,)}),
         (128, 16, 8, 3, (128,), {"no_dropout": (128,), "sm_80": (128,)}),
-        (64, 32, 4, 2, (256,), {"sm_80": (256,)}), (64, 16, 8, 2, (256,), {})]
+        (64, 32, 4, 2, (256,), {"dropout": (256,), "sm_80": (256,)}),
+        (128, 32, 8, 2, (256,), {"dropout": (256,), "sm_80": (256,)}),
+        (64, 16, 4, 2, (256,), {"no_dropout": (256,), "sm_80": (256,)}),
+        (128, 16, 8, 2, (256,), {"no_dropout": (256,), "sm_80": (256,)}), (64, 32, 8, 2, (256,), {"sm_90": (256,)})]
 FWD_CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
                for m, n, w, s, ds, skip in _FWD]
 BWD_CONFIGS = [dict(BLOCK_OWN=o, BLOCK_WALK=k, num_warps=w, num_stages=s, block_ds=ds, skip=skip)
@@ -1030,17 +1079,22 @@ def _fwd_loops(c, block_d, window_left=False):
 
 def _bwd_loops(c, block_d, window_right, window_left=False):
     """The backward's main loops, in source order (see _attn_bwd). dkdv: S^T, dP^T, dV += P^T dO, dK += dS^T Q
-    (4 dots); dq: S, dP, dQ += dS K (3 dots); each 2*BLOCK_OWN*BLOCK_WALK*BLOCK_D FLOPs per iteration. Masked
-    variants: the causal diagonal (window_right) and a window's left side."""
+    (4 dots); from SPLIT_DKDV_FROM on, a dV walk (S^T, dV += P^T dO: 2 dots) then a dK walk (S^T, dP^T,
+    dK += dS^T Q: 3 dots, each needed by the walk that issues it); dq: S, dP, dQ += dS K (3 dots); each
+    2*BLOCK_OWN*BLOCK_WALK*BLOCK_D FLOPs per iteration. Masked variants: the causal diagonal (window_right) and a
+    window's left side."""
     tile = [c["BLOCK_OWN"], c["BLOCK_WALK"]]
     one = 2 * c["BLOCK_OWN"] * c["BLOCK_WALK"] * block_d
-    dkdv, dq = dict(mma_flops=4 * one, tile=tile), dict(mma_flops=3 * one, tile=tile)
-    loops = [dict(name="dkdv_diag", masked=True, **dkdv)] if window_right else []
-    loops += [dict(name="dkdv", masked=False, **dkdv)]
-    loops += [dict(name="dkdv_window", masked=True, **dkdv), dict(name="dq_window", masked=True, **dq)] \
-        if window_left else []
-    loops += [dict(name="dq", masked=False, **dq), dict(name="dq_mask", masked=True, **dq)]
-    return loops
+
+    def walk(name, dots):
+        loops = [dict(name=f"{name}_diag", masked=True, mma_flops=dots * one, tile=tile)] if window_right else []
+        loops += [dict(name=name, masked=False, mma_flops=dots * one, tile=tile)]
+        return loops + ([dict(name=f"{name}_window", masked=True, mma_flops=dots * one, tile=tile)]
+                        if window_left else [])
+    loops = walk("dv", 2) + walk("dk", 3) if block_d >= SPLIT_DKDV_FROM else walk("dkdv", 4)
+    dq = dict(mma_flops=3 * one, tile=tile)
+    loops += [dict(name="dq_window", masked=True, **dq)] if window_left else []
+    return loops + [dict(name="dq", masked=False, **dq), dict(name="dq_mask", masked=True, **dq)]
 
 
 def _strides(name, strides):

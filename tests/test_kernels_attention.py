@@ -159,9 +159,12 @@ def test_queries_that_see_no_key_output_zero(lengths, window):
     check(q, k, v, False, torch.float32, window=window)
 
 
-def test_all_options_together_with_dropout():
-    """GQA, causal Tq < Tk, softcap, a window and dropout at once, against the kernels' own mask."""
-    q, k, v = make_gqa(1, 4, 2, 30, 47, 48)
+@pytest.mark.parametrize("D", [48, 200], ids=["fused-dkdv", "split-dkdv"])
+def test_all_options_together_with_dropout(D):
+    """GQA, causal Tq < Tk, softcap, a window and dropout at once, against the kernels' own mask; at D=200
+    (BLOCK_D=256) the backward walks dV, then dK (SPLIT_DKDV_FROM)."""
+    assert (attention_module.block_d_of(D) >= attention_module.SPLIT_DKDV_FROM) == (D == 200)
+    q, k, v = make_gqa(1, 4, 2, 30, 47, D)
     options = dict(softcap=4.0, window=(9, None))
     p = 0.2
     torch.manual_seed(5)
@@ -218,7 +221,7 @@ def test_tensor_descriptor_path(tma_path, shape, causal, dtype):
 @pytest.mark.parametrize("window", [None, (10, None)], ids=["plain", "window"])
 def test_tensor_descriptor_path_with_gqa_and_options(tma_path, window):
     check(*make_gqa(1, 4, 2, 29, 53, 64), True, torch.float32, softcap=3.0, window=window)
-    check(*make_gqa(1, 2, 1, 21, 21, 256), True, torch.float32)
+    check(*make_gqa(1, 2, 1, 21, 21, 256), True, torch.float32, window=window)  # the split dK/dV walk
 
 
 def test_tensor_descriptor_path_reads_strided_views_and_drops_out(tma_path):
