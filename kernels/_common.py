@@ -32,6 +32,21 @@ def tanh(z):
     return 1.0 - tl.fdiv(tl.full(d.shape, 2.0, tl.float32), d)  # fdiv takes tensors only (the interpreter's)
 
 
+@triton.jit
+def tanh_approx(z):
+    """The hardware's tanh: PTX tanh.approx.f32, one MUFU.TANH (sm_75 on), maximum relative error about 2^-11,
+    against tanh's exp2 + reciprocal + 2 FMAs. For fp16/bf16 softcaps on a GPU, where rounding the inputs moves
+    a score far more; FlashAttention's softcap takes the same instruction (cutlass::fast_tanh). Never under the
+    interpreter, which cannot run inline PTX."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+# a softcap's SOFTCAP constexpr: off, tanh in fp32 arithmetic (fp32 inputs, the interpreter), the hardware's tanh
+SOFTCAP_OFF, SOFTCAP_EXACT = 0, 1
+SOFTCAP_FAST: tl.constexpr = tl.constexpr(2)
+
+
 # the values of TRITON_INTERPRET that Triton reads as on (its getenv_bool: case-insensitive, no spaces)
 _TRUE = ("1", "true", "yes", "on", "y")
 
@@ -74,6 +89,17 @@ def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter: TRITON_INTERPRET set (before triton is imported) to
     a value Triton reads as on. The one place this is decided: the kernels, kernels.inspect and the configs ask here."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
+
+
+def softcap_mode(softcap: float, dtype: torch.dtype, interpreter: bool | None = None) -> int:
+    """The SOFTCAP constexpr of a softcap (0: none) on inputs of `dtype`: the hardware's tanh (SOFTCAP_FAST) for
+    fp16/bf16 on a GPU, tanh in fp32 arithmetic for fp32 inputs (which promise fp32 accuracy) and under the
+    interpreter (interpreter=None: as interpreting() says)."""
+    if not softcap:
+        return SOFTCAP_OFF
+    if interpreter is None:
+        interpreter = interpreting()
+    return SOFTCAP_FAST.value if dtype in (torch.float16, torch.bfloat16) and not interpreter else SOFTCAP_EXACT
 
 
 def check_device(name: str, *tensors) -> None:

@@ -41,6 +41,7 @@ from kernels._common import (
     DTYPE_NAMES,
     LOG2E,
     PRECISION,
+    SOFTCAP_FAST,
     arch_has_tma,
     arch_of,
     block_d_of,
@@ -49,7 +50,9 @@ from kernels._common import (
     check_softcap,
     interpreting,
     launch_case,
+    softcap_mode,
     tanh,
+    tanh_approx,
     use_tma,
     window_sides,
 )
@@ -200,10 +203,13 @@ def _walk_ranges(first, last, N, d_lo, d_hi, HAS_LO: tl.constexpr, HAS_HI: tl.co
 
 
 @triton.jit
-def _capped(qk, cap_in, cap_out):
+def _capped(qk, cap_in, cap_out, SOFTCAP: tl.constexpr):
     """softcap * tanh(score / softcap) in base 2 (cap_in = scale / softcap, cap_out = softcap * log2 e), and the
-    tanh, whose 1 - t^2 is the cap's derivative in the backward."""
-    t = tanh(qk * cap_in)
+    tanh, whose 1 - t^2 is the cap's derivative in the backward. SOFTCAP (softcap_mode): which tanh."""
+    if SOFTCAP == SOFTCAP_FAST:
+        t = tanh_approx(qk * cap_in)
+    else:
+        t = tanh(qk * cap_in)
     return t * cap_out, t
 
 
@@ -222,7 +228,7 @@ def _fwd_tile_loop(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start_m
         k = _load(k_src, start_n, Tk, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if SOFTCAP:  # capped scores in base 2: the row max and exponent below take them as they are
-            qk, _ = _capped(qk, cap_in, cap_out)
+            qk, _ = _capped(qk, cap_in, cap_out, SOFTCAP)
             scale = 1.0
         else:  # the scale (> 0) and log2(e) fold into one FMA per score: p = exp2(qk * qk_scale - m)
             scale = qk_scale
@@ -340,7 +346,7 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse, delta, start_m, offs_m, start_n, first_
     either: their rows of dK/dV are never stored."""
     qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # S^T: (keys, queries)
     if SOFTCAP:
-        s_t, t_t = _capped(qk_t, cap_in, cap_out)
+        s_t, t_t = _capped(qk_t, cap_in, cap_out, SOFTCAP)
         p_t = tl.math.exp2(s_t - lse[None, :])
     else:
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
@@ -445,7 +451,7 @@ def _dq_tile_loop(dq, q, do, lse, delta, k_src, v_src, stride_kn, stride_vn, sta
         v = _load(v_src, start_n, Tk, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if SOFTCAP:
-            s, t = _capped(qk, cap_in, cap_out)
+            s, t = _capped(qk, cap_in, cap_out, SOFTCAP)
             p = tl.math.exp2(s - lse[:, None])
         else:
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
@@ -848,8 +854,9 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     _attn_fwd_tuned[grid](q, k, v, o, lse, seed, scale, dropout_p, softcap or 1.0,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
                           H, H // H_kv, Tq, Tk, T_BUCKET=_t_bucket(Tq, Tk),
-                          **_mask_args(Tq, Tk, causal, window_left, window_right), SOFTCAP=softcap > 0.0,
-                          DROPOUT=dropout_p > 0.0, USE_TMA=use_tma(q, k, v, o), HEAD_DIM=D, BLOCK_D=block_d_of(D))
+                          **_mask_args(Tq, Tk, causal, window_left, window_right),
+                          SOFTCAP=softcap_mode(softcap, q.dtype), DROPOUT=dropout_p > 0.0, USE_TMA=use_tma(q, k, v, o),
+                          HEAD_DIM=D, BLOCK_D=block_d_of(D))
     return o, lse, seed
 
 
@@ -887,8 +894,8 @@ def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         H, H // H_kv, Tq, Tk, T_PAD=t_pad, T_BUCKET=_t_bucket(Tq, Tk),
-        **_mask_args(Tq, Tk, causal, window_left, window_right), SOFTCAP=softcap > 0.0, DROPOUT=dropout_p > 0.0,
-        GQA=H != H_kv, USE_TMA=use_tma(q, k, v, do, dq, dk, dv), HEAD_DIM=D, BLOCK_D=block_d)
+        **_mask_args(Tq, Tk, causal, window_left, window_right), SOFTCAP=softcap_mode(softcap, q.dtype),
+        DROPOUT=dropout_p > 0.0, GQA=H != H_kv, USE_TMA=use_tma(q, k, v, do, dq, dk, dv), HEAD_DIM=D, BLOCK_D=block_d)
     return dq, dk, dv
 
 
@@ -1042,7 +1049,8 @@ def inspect_cases(problems=None, arch="sm_90"):
                       softcap=options.get("softcap", 1.0))
         mask = _mask_args(T, T, causal, options.get("window", -1), -1)
         flags = dict(WINDOW_LEFT=mask.pop("WINDOW_LEFT"), WINDOW_RIGHT=mask.pop("WINDOW_RIGHT"),
-                     SOFTCAP="softcap" in options, DROPOUT=dropout, USE_TMA=tma, HEAD_DIM=D, BLOCK_D=block_d)
+                     SOFTCAP=softcap_mode(options.get("softcap"), dtype, interpreter=False), DROPOUT=dropout,
+                     USE_TMA=tma, HEAD_DIM=D, BLOCK_D=block_d)
         sizes = dict(H=H, GROUP=group, Tq=T, Tk=T, **mask, T_BUCKET=_t_bucket(T, T))
         bwd_sizes = dict(sizes, T_PAD=_t_pad(T))
         for c in configs_for(FWD_CONFIGS, block_d, dropout, arch):

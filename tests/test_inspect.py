@@ -287,6 +287,30 @@ def test_python_m_under_the_interpreter_reexecs(tmp_path):
     assert "gelu_bwd" in r.stdout and "rows" in r.stdout
 
 
+TANH_SCRIPT = r"""
+import importlib, tempfile, torch
+from pathlib import Path
+from kernels.inspect import compile_case
+attention_module = importlib.import_module("kernels.attention")  # `kernels.attention` is also the function
+out = Path(tempfile.mkdtemp())
+for dtype in (torch.bfloat16, torch.float32):
+    problem = [(dtype, 64, True, False, {"softcap": 30.0})]
+    case = next(c for c in attention_module.inspect_cases(problem, "sm_90") if c["kernel"] == "attention_fwd")
+    row = compile_case(case, "sm_90", dump=str(out))
+    print(dtype, "tanh.approx.f32" in (out / (row["id"] + ".ptx")).read_text(),
+          "MUFU.TANH" in (out / (row["id"] + ".sass")).read_text())
+"""
+
+
+def test_half_precision_softcap_compiles_to_the_hardware_tanh():
+    """bf16 attention with a softcap: one MUFU.TANH per score (tanh.approx.f32 in the PTX); fp32 inputs keep the
+    tanh of exp2 and a reciprocal (kernels._common.softcap_mode)."""
+    r = subprocess.run([sys.executable, "-c", TANH_SCRIPT], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[:2] == ["torch.bfloat16 True True", "torch.float32 False False"], r.stdout
+
+
 def test_gpu_script_refuses_cleanly_without_a_gpu():
     """scripts/gpu.sh on a machine without an NVIDIA GPU: one error line, exit 2, nothing written."""
     import shutil

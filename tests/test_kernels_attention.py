@@ -137,6 +137,26 @@ def test_softcap(softcap, causal):
     check(q, k, v, causal, torch.float32, softcap=softcap)
 
 
+@pytest.mark.parametrize("softcap", [5.0, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []), ids=str)
+def test_softcap_in_half_precision(dtype, softcap):
+    """fp16/bf16 on a GPU take the hardware's tanh (tanh.approx.f32, ~2^-11 relative error: SOFTCAP_FAST); the
+    interpreter the fp32 one. Either must stay within the dtype's tolerance against float64."""
+    q, k, v = make_gqa(1, 4, 2, 45, 45, 64, dtype)
+    with torch.no_grad():
+        q *= 3.0
+    check(q, k, v, True, dtype, softcap=softcap, window=(20, None))
+
+
+def test_softcap_mode_picks_the_hardware_tanh_for_half_precision_on_a_gpu():
+    mode = attention_module.softcap_mode
+    fast, exact = attention_module.SOFTCAP_FAST.value, 1
+    assert mode(0.0, torch.bfloat16, interpreter=False) == 0 and mode(None, torch.float32) == 0
+    assert mode(30.0, torch.bfloat16, interpreter=False) == mode(30.0, torch.float16, interpreter=False) == fast
+    assert mode(30.0, torch.float32, interpreter=False) == exact  # fp32 inputs keep fp32 accuracy
+    assert mode(30.0, torch.float16, interpreter=True) == exact  # the interpreter cannot run inline PTX
+
+
 # (window, causal): left 0 / 1 / T (the diagonal only, one neighbour, everything), right sides, both
 WINDOWS = [((0, None), True), ((1, None), True), ((50, None), True), ((7, 0), True), ((5, 3), False),
            ((0, 0), False), ((None, 4), False), ((16, None), False), ((2, 50), False)]
