@@ -329,30 +329,44 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
 # for `python -m kernels.inspect`: what to compile for a GPU target, from the same config function as the launch
 
 
+# the options' problem, as kernels.attention's inspection has it: GQA group 4, window (256, 0), softcap 30
+OPTIONS = dict(group=4, window=256, softcap=30.0)
+
+
 def inspect_cases(B=16, H=12, Tmax=1024, sms=132) -> list[dict]:
     """Both kernels x every shipped config at GPT-2's head dims, with the arguments the launcher passes: B rows of
-    a (B, H, Tmax, D) cache, the new queries the (B, Tq, H, D).transpose(1, 2) views of c_attn's output, the
-    splits that fill `sms` SMs."""
-    cases = []
+    a (B, H_kv, Tmax, D) cache, the new queries the (B, Tq, H, D).transpose(1, 2) views of c_attn's output, the
+    splits that fill `sms` SMs. Plain (H_kv = H), and with OPTIONS for one new query: the config the launch picks
+    for the heads a program then takes together (heads_per_program)."""
+    problems = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for tq, d, cfg in shipped_configs():
-            if d not in (64, 128) or (dtype != torch.bfloat16 and tq != 1):
-                continue  # GPT-2's head dims; every Tq bucket in bf16, the other dtypes at Tq = 1
-            problem = {"dtype": DTYPE_NAMES[dtype], "head_dim": d, "queries": tq}
-            C = H * d
-            num_splits = _num_splits(B, H, Tmax, cfg["BLOCK_N"], sms * 4)
-            sizes = dict(H=H, Tq=tq, D=d, num_splits=num_splits)
-            cases.append(launch_case("decode_attention_split", _decode_split_kernel, cfg, problem, dict(
-                Q=dtype, K=dtype, V=dtype, Lengths=torch.int32, O_part=torch.float32, LSE_part=torch.float32,
-                sm_scale=d ** -0.5, softcap=1.0, stride_qb=tq * 3 * C, stride_qh=d, stride_qm=3 * C,
-                stride_kb=H * Tmax * d, stride_kh=Tmax * d, stride_kn=d, stride_vb=H * Tmax * d, stride_vh=Tmax * d,
-                stride_vn=d, GROUP=1, HEADS=1, window_left=0, chunk=_chunk(Tmax, num_splits, cfg["BLOCK_N"]),
-                WINDOW=False, SOFTCAP=False, **sizes)))
-            cases[-1]["loops"] = []  # no tl.dot (scores by broadcast and sum): the cost model reports its loop unnamed
-            combine = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"],
-                           num_warps=COMBINE_NUM_WARPS, num_stages=1)
-            cases.append(launch_case("decode_attention_combine", _decode_combine_kernel, combine, problem, dict(
-                O_part=torch.float32, LSE_part=torch.float32, O=dtype, stride_ob=H * tq * d, stride_oh=tq * d,
-                stride_om=d, **sizes)))
-            cases[-1]["loops"] = []
+        for tq, d, _ in shipped_configs():
+            if d in (64, 128) and (dtype == torch.bfloat16 or tq == 1):
+                problems.append((dtype, tq, d, {}))  # GPT-2's head dims; every Tq bucket in bf16, else Tq = 1
+    problems += [(torch.bfloat16, 1, d, OPTIONS) for d in (64, 128)]
+    cases = []
+    for dtype, tq, d, options in problems:
+        group = options.get("group", 1)
+        H_kv, heads = H // group, heads_per_program(group, tq)
+        cfg = launch_config(heads * tq, d)
+        problem = {"dtype": DTYPE_NAMES[dtype], "head_dim": d, "queries": tq}
+        if options:
+            problem["options"] = " ".join(f"{k}{v:g}" for k, v in options.items())
+        C = (H + 2 * H_kv) * d  # c_attn's output row: q, k, v heads side by side
+        num_splits = _num_splits(B, H, Tmax, cfg["BLOCK_N"], sms * 4)
+        sizes = dict(H=H, Tq=tq, D=d, num_splits=num_splits)
+        cache = dict(stride_kb=H_kv * Tmax * d, stride_kh=Tmax * d, stride_kn=d)
+        cases.append(launch_case("decode_attention_split", _decode_split_kernel, cfg, problem, dict(
+            Q=dtype, K=dtype, V=dtype, Lengths=torch.int32, O_part=torch.float32, LSE_part=torch.float32,
+            sm_scale=d ** -0.5, softcap=options.get("softcap", 1.0), stride_qb=tq * C, stride_qh=d, stride_qm=C,
+            **cache, **{k.replace("_k", "_v"): v for k, v in cache.items()}, GROUP=group, HEADS=heads,
+            window_left=options.get("window", 0), chunk=_chunk(Tmax, num_splits, cfg["BLOCK_N"]),
+            WINDOW="window" in options, SOFTCAP="softcap" in options, **sizes)))
+        cases[-1]["loops"] = []  # no tl.dot (scores by broadcast and sum): the cost model reports its loop unnamed
+        combine = dict(BLOCK_M=_block_m(tq), BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"],
+                       num_warps=COMBINE_NUM_WARPS, num_stages=1)
+        cases.append(launch_case("decode_attention_combine", _decode_combine_kernel, combine, problem, dict(
+            O_part=torch.float32, LSE_part=torch.float32, O=dtype, stride_ob=H * tq * d, stride_oh=tq * d,
+            stride_om=d, **sizes)))
+        cases[-1]["loops"] = []
     return cases
