@@ -31,13 +31,16 @@ import triton.language as tl
 from kernels._common import (
     DTYPE_NAMES,
     LOG2E,
+    SOFTCAP_FAST,
     block_d_of,
     check_device,
     check_qkv,
     check_softcap,
     launch_case,
     num_programs_hint,
+    softcap_mode,
     tanh,
+    tanh_approx,
     window_sides,
 )
 
@@ -92,7 +95,9 @@ def _decode_split_kernel(Q, K, V, Lengths, O_part, LSE_part, sm_scale, softcap,
         kv_mask = (offs_n[:, None] < hi) & (offs_d[None, :] < D)
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
-        if SOFTCAP:
+        if SOFTCAP == SOFTCAP_FAST:  # fp16/bf16 on a GPU: the hardware's tanh, as kernels.attention takes
+            qk = tanh_approx(qk * cap_in) * cap_out
+        elif SOFTCAP:
             qk = tanh(qk * cap_in) * cap_out
         visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < hi)
         if WINDOW:
@@ -217,7 +222,7 @@ def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leng
     _decode_split_kernel[(num_splits, B * H // heads)](
         q, k, v, lengths, o_part, lse_part, scale, softcap or 1.0,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, H // H_kv, heads, Tq, D, max(window_left, 0), chunk,
-        num_splits, WINDOW=window_left >= 0, SOFTCAP=softcap > 0.0,
+        num_splits, WINDOW=window_left >= 0, SOFTCAP=softcap_mode(softcap, q.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _decode_combine_kernel[(B * H,)](
@@ -361,7 +366,8 @@ def inspect_cases(B=16, H=12, Tmax=1024, sms=132) -> list[dict]:
             sm_scale=d ** -0.5, softcap=options.get("softcap", 1.0), stride_qb=tq * C, stride_qh=d, stride_qm=C,
             **cache, **{k.replace("_k", "_v"): v for k, v in cache.items()}, GROUP=group, HEADS=heads,
             window_left=options.get("window", 0), chunk=_chunk(Tmax, num_splits, cfg["BLOCK_N"]),
-            WINDOW="window" in options, SOFTCAP="softcap" in options, **sizes)))
+            WINDOW="window" in options,
+            SOFTCAP=softcap_mode(options.get("softcap"), dtype, interpreter=False), **sizes)))
         cases[-1]["loops"] = []  # no tl.dot (scores by broadcast and sum): the cost model reports its loop unnamed
         combine = dict(BLOCK_M=_block_m(tq), BLOCK_S=COMBINE_BLOCK_S, BLOCK_D=cfg["BLOCK_D"],
                        num_warps=COMBINE_NUM_WARPS, num_stages=1)
