@@ -47,6 +47,15 @@ SOFTCAP_OFF, SOFTCAP_EXACT = 0, 1
 SOFTCAP_FAST: tl.constexpr = tl.constexpr(2)
 
 
+@triton.jit
+def softcap_tanh(z, SOFTCAP: tl.constexpr):
+    """The tanh of a softcap (SOFTCAP on, as softcap_mode chose it): the hardware's or the fp32 one."""
+    if SOFTCAP == SOFTCAP_FAST:
+        return tanh_approx(z)
+    else:
+        return tanh(z)
+
+
 # the values of TRITON_INTERPRET that Triton reads as on (its getenv_bool: case-insensitive, no spaces)
 _TRUE = ("1", "true", "yes", "on", "y")
 

@@ -41,7 +41,6 @@ from kernels._common import (
     DTYPE_NAMES,
     LOG2E,
     PRECISION,
-    SOFTCAP_FAST,
     arch_has_tma,
     arch_of,
     block_d_of,
@@ -51,8 +50,7 @@ from kernels._common import (
     interpreting,
     launch_case,
     softcap_mode,
-    tanh,
-    tanh_approx,
+    softcap_tanh,
     use_tma,
     window_sides,
 )
@@ -206,10 +204,7 @@ def _walk_ranges(first, last, N, d_lo, d_hi, HAS_LO: tl.constexpr, HAS_HI: tl.co
 def _capped(qk, cap_in, cap_out, SOFTCAP: tl.constexpr):
     """softcap * tanh(score / softcap) in base 2 (cap_in = scale / softcap, cap_out = softcap * log2 e), and the
     tanh, whose 1 - t^2 is the cap's derivative in the backward. SOFTCAP (softcap_mode): which tanh."""
-    if SOFTCAP == SOFTCAP_FAST:
-        t = tanh_approx(qk * cap_in)
-    else:
-        t = tanh(qk * cap_in)
+    t = softcap_tanh(qk * cap_in, SOFTCAP)
     return t * cap_out, t
 
 
@@ -589,7 +584,7 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p, so
                                 BLOCK_WALK, BLOCK_D)
         _store_rows(DK + b * stride_dkb + hk * stride_dkh, start, (dk * sm_scale).to(DK.dtype.element_ty), Tk,
                     stride_dkn, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
-        if not SPLIT:
+        if not SPLIT:  # after dK, in the order the fused walk always stored them (the same code as before the split)
             _store_rows(DV + b * stride_dvb + hk * stride_dvh, start, dv.to(DV.dtype.element_ty), Tk, stride_dvn,
                         HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
 
@@ -624,10 +619,8 @@ def _attn_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, Seed, sm_scale, dropout_p, so
                                qk_scale, cap_in, cap_out, lo_off, hi_off, seed, bh, dropout_p, dropout_scale,
                                True, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, DROPOUT, USE_TMA, HEAD_DIM, BLOCK_OWN,
                                BLOCK_WALK, BLOCK_D)
-            dq_dst = _source(DQ + b * stride_dqb + h * stride_dqh, Tq, stride_dqm, HEAD_DIM, BLOCK_OWN, BLOCK_D,
-                             USE_TMA)
-            _store(dq_dst, start, (dq * sm_scale).to(DQ.dtype.element_ty), Tq, stride_dqm, HEAD_DIM, BLOCK_OWN,
-                   BLOCK_D, USE_TMA)
+            _store_rows(DQ + b * stride_dqb + h * stride_dqh, start, (dq * sm_scale).to(DQ.dtype.element_ty), Tq,
+                        stride_dqm, HEAD_DIM, BLOCK_OWN, BLOCK_D, USE_TMA)
 
 
 @triton.jit

@@ -31,7 +31,6 @@ import triton.language as tl
 from kernels._common import (
     DTYPE_NAMES,
     LOG2E,
-    SOFTCAP_FAST,
     block_d_of,
     check_device,
     check_qkv,
@@ -39,8 +38,7 @@ from kernels._common import (
     launch_case,
     num_programs_hint,
     softcap_mode,
-    tanh,
-    tanh_approx,
+    softcap_tanh,
     window_sides,
 )
 
@@ -95,10 +93,8 @@ def _decode_split_kernel(Q, K, V, Lengths, O_part, LSE_part, sm_scale, softcap,
         kv_mask = (offs_n[:, None] < hi) & (offs_d[None, :] < D)
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         qk = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
-        if SOFTCAP == SOFTCAP_FAST:  # fp16/bf16 on a GPU: the hardware's tanh, as kernels.attention takes
-            qk = tanh_approx(qk * cap_in) * cap_out
-        elif SOFTCAP:
-            qk = tanh(qk * cap_in) * cap_out
+        if SOFTCAP:  # the tanh kernels.attention takes for the same softcap and dtype
+            qk = softcap_tanh(qk * cap_in, SOFTCAP) * cap_out
         visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < hi)
         if WINDOW:
             visible = visible & (offs_n[None, :] >= q_pos[:, None] - window_left)

@@ -10,6 +10,7 @@ import torch
 
 from helpers import DEVICE, attention_reference
 from kernels import attention
+from kernels._common import SOFTCAP_EXACT, SOFTCAP_FAST
 from kernels.attention import dropout_mask, last_seed_of
 from kernels.testing import relative_error, tolerance
 
@@ -150,7 +151,7 @@ def test_softcap_in_half_precision(dtype, softcap):
 
 def test_softcap_mode_picks_the_hardware_tanh_for_half_precision_on_a_gpu():
     mode = attention_module.softcap_mode
-    fast, exact = attention_module.SOFTCAP_FAST.value, 1
+    fast, exact = SOFTCAP_FAST.value, SOFTCAP_EXACT
     assert mode(0.0, torch.bfloat16, interpreter=False) == 0 and mode(None, torch.float32) == 0
     assert mode(30.0, torch.bfloat16, interpreter=False) == mode(30.0, torch.float16, interpreter=False) == fast
     assert mode(30.0, torch.float32, interpreter=False) == exact  # fp32 inputs keep fp32 accuracy
